@@ -1,0 +1,67 @@
+"""LoRA (incl. LoCon conv factors and Tucker `lora_mid`): ΔW = alpha/rank · up @ [mid] @ down."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lorafmt.algorithms._base import Algorithm
+
+if TYPE_CHECKING:
+    from lorafmt.schema import Module
+
+
+def _as_matrix(t: np.ndarray) -> np.ndarray:
+    return t.reshape(t.shape[0], -1)
+
+
+class LoRA(Algorithm):
+    name = "lora"
+    param_names = {
+        "down": "lora_down.weight",
+        "up": "lora_up.weight",
+        "mid": "lora_mid.weight",
+    }
+    required = frozenset({"down", "up"})
+    detect_param = frozenset({"lora_down.weight", "lora_up.weight"})
+
+    def rank(self, module: Module) -> int | None:
+        down = module.tensors.get("down")
+        return down.shape[0] if down is not None and down.shape else None
+
+    def delta(self, module: Module, base_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        down = module.tensors["down"].float32()
+        up = module.tensors["up"].float32()
+        mid = module.tensors.get("mid")
+        if mid is not None:
+            # Tucker: down (r, in, 1, 1), mid (r, r, kh, kw), up (out, r, 1, 1)
+            m = mid.float32()
+            dw = np.einsum("ij,jk...,kl->il...", _as_matrix(up), m, _as_matrix(down))
+        elif down.ndim == 4 and down.shape[2:] != (1, 1):
+            # k×k conv down with 1×1 up: the product flattens over (in, kh, kw) exactly.
+            dw = (_as_matrix(up) @ _as_matrix(down)).reshape(up.shape[0], *down.shape[1:])
+        else:
+            dw = _as_matrix(up) @ _as_matrix(down)
+            if down.ndim == 4:
+                dw = dw.reshape(dw.shape[0], dw.shape[1], 1, 1)
+        dw = dw * np.float32(module.scale)
+        if base_shape is not None and tuple(dw.shape) != tuple(base_shape):
+            dw = dw.reshape(base_shape)
+        return dw.astype(np.float32, copy=False)
+
+    def check(self, module: Module) -> list[str]:
+        problems = super().check(module)
+        down, up = module.tensors.get("down"), module.tensors.get("up")
+        if down is not None and up is not None and not problems:
+            if len(down.shape) < 2 or len(up.shape) < 2:
+                problems.append(f"down {down.shape} / up {up.shape} are not matrices")
+            elif up.shape[1] != down.shape[0]:
+                problems.append(f"rank mismatch: down {down.shape} has rank {down.shape[0]}, up {up.shape} has {up.shape[1]}")
+            mid = module.tensors.get("mid")
+            if mid is not None and (len(mid.shape) != 4 or mid.shape[0] != up.shape[1] or mid.shape[1] != down.shape[0]):
+                problems.append(f"Tucker mid {mid.shape} does not fit down {down.shape} / up {up.shape}")
+        return problems
+
+
+ALGORITHM = LoRA()

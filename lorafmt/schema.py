@@ -1,0 +1,276 @@
+"""The canonical, typed schema every layout reads into and writes from.
+
+A :class:`LoraFile` is a set of :class:`Module` s keyed by canonical module path
+(``<component>.<diffusers/transformers module path>``), each holding its algorithm, its tensors as lazy
+:class:`TensorRef` s (shape, dtype and where the bytes are), its alpha, and an optional DoRA magnitude.
+Nothing here reads tensor data until asked.
+
+Example:
+    >>> import lorafmt
+    >>> lora = lorafmt.read("fixtures/generated/kohya_sd15.safetensors")  # doctest: +SKIP
+    >>> m = lora.modules["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]  # doctest: +SKIP
+    >>> m.rank, m.scale  # doctest: +SKIP
+    (4, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from lorafmt.dtypes import DTYPE_SIZES, FLOAT_DTYPES, from_float32, numpy_dtype, to_float32
+
+__all__ = [
+    "TensorRef",
+    "Module",
+    "LoraFile",
+    "Provenance",
+    "Detection",
+    "Diagnostic",
+    "ConversionReport",
+    "ALGORITHMS",
+    "COMPONENTS",
+    "FAMILIES",
+]
+
+SCHEMA_VERSION = 1
+ALGORITHMS = ("lora", "loha", "lokr", "full", "norm", "ia3", "oft", "boft")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux1")
+
+Algorithm = Literal["lora", "loha", "lokr", "full", "norm", "ia3", "oft", "boft"]
+
+
+class TensorRef(BaseModel):
+    """A lazy tensor: its shape and dtype, and either a byte range in a file or an array in memory.
+
+    Reshaping keeps the byte range (no data is touched), so renames and reshapes stream bytes.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str = Field(description="The raw key this tensor had in its source (for error messages).")
+    dtype: str = Field(description="safetensors dtype name, e.g. F16, BF16, F32.")
+    shape: tuple[int, ...]
+    file: str | None = Field(default=None, description="Source file, when the bytes live in a file.")
+    offset: int | None = Field(default=None, description="Absolute byte offset of the data in `file`.")
+    _array: np.ndarray | None = PrivateAttr(default=None)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @classmethod
+    def from_array(cls, key: str, array: np.ndarray, dtype: str | None = None) -> TensorRef:
+        """Wrap an in-memory float array; it is stored (and later written) as `dtype` (default: F32)."""
+        dtype = dtype or _dtype_of(array)
+        ref = cls(key=key, dtype=dtype, shape=tuple(int(d) for d in array.shape))
+        if dtype in FLOAT_DTYPES and dtype not in ("F8_E5M2", "F8_E4M3"):
+            stored = from_float32(np.asarray(array, dtype=np.float32), dtype)
+        else:
+            stored = np.ascontiguousarray(array).astype(numpy_dtype(dtype))
+        object.__setattr__(ref, "_array", stored.reshape(ref.shape))
+        return ref
+
+    @classmethod
+    def from_raw(cls, key: str, dtype: str, raw: np.ndarray) -> TensorRef:
+        """Wrap an array already encoded as `dtype` (as :func:`lorafmt.dtypes.numpy_dtype` holds it)."""
+        ref = cls(key=key, dtype=dtype, shape=tuple(int(d) for d in raw.shape))
+        object.__setattr__(ref, "_array", np.ascontiguousarray(raw))
+        return ref
+
+    def raw(self) -> np.ndarray:
+        """The stored values, encoded as :func:`lorafmt.dtypes.numpy_dtype` gives (bf16 as uint16)."""
+        if self._array is not None:
+            return self._array.reshape(self.shape)
+        if self.file is None or self.offset is None:
+            msg = f"tensor {self.key} has no data"
+            raise ValueError(msg)
+        with open(self.file, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read(self.nbytes)
+        if len(data) != self.nbytes:
+            from lorafmt.errors import TruncatedFileError
+
+            msg = f"expected {self.nbytes} bytes, got {len(data)}"
+            raise TruncatedFileError(msg, file=self.file, key=self.key)
+        return np.frombuffer(data, dtype=numpy_dtype(self.dtype)).reshape(self.shape)
+
+    def float32(self) -> np.ndarray:
+        """Decode to float32 (exact for F16/BF16/F32)."""
+        return to_float32(self.raw(), self.dtype)
+
+    def tobytes(self) -> bytes:
+        return np.ascontiguousarray(self.raw()).tobytes()
+
+    def reshape(self, shape: tuple[int, ...]) -> TensorRef:
+        """The same bytes under another shape (same number of elements)."""
+        shape = tuple(shape)
+        if math.prod(shape) != self.numel:
+            msg = f"cannot reshape {self.shape} to {shape}"
+            raise ValueError(msg)
+        ref = self.model_copy(update={"shape": shape})
+        if self._array is not None:
+            object.__setattr__(ref, "_array", self._array.reshape(shape))
+        return ref
+
+    def renamed(self, key: str) -> TensorRef:
+        ref = self.model_copy(update={"key": key})
+        if self._array is not None:
+            object.__setattr__(ref, "_array", self._array)
+        return ref
+
+    @property
+    def streamable(self) -> bool:
+        """True when the bytes can be copied straight from the source file."""
+        return self._array is None and self.file is not None
+
+
+def _dtype_of(array: np.ndarray) -> str:
+    kind = np.asarray(array).dtype
+    if kind == np.float16:
+        return "F16"
+    if kind == np.float64:
+        return "F64"
+    return "F32"
+
+
+class Module(BaseModel):
+    """One adapted module: its algorithm's tensors by role, its alpha, and an optional DoRA magnitude.
+
+    Roles per algorithm: ``lora``: ``down``, ``up``, optional ``mid`` (Tucker) and ``bias`` (lora_B.bias);
+    ``loha``: ``w1_a w1_b w2_a w2_b`` (+ ``t1 t2``); ``lokr``: ``w1`` or ``w1_a w1_b``, ``w2`` or ``w2_a w2_b``
+    (+ ``t2``); ``full``: ``diff`` (+ ``diff_b``); ``norm``: ``w_norm`` (+ ``b_norm``); ``ia3``: ``weight``,
+    ``on_input``; ``oft``/``boft``: ``blocks`` (+ ``rescale``).
+
+    ``alpha`` follows the kohya convention: the effective scale is ``alpha / rank`` (absent = rank, scale 1).
+    """
+
+    model_config = ConfigDict(frozen=False)
+
+    path: str = Field(description="Canonical module path: <component>.<module path>.")
+    algorithm: Algorithm = "lora"
+    tensors: dict[str, TensorRef]
+    alpha: float | None = Field(default=None, description="Network alpha; scale = alpha / rank. None means rank.")
+    alpha_dtype: str | None = Field(default=None, description="dtype the alpha scalar was stored in, if any.")
+    dora_scale: TensorRef | None = Field(default=None, description="DoRA magnitude vector, if the module is DoRA.")
+    dora_axis: Literal["out", "in"] | None = Field(
+        default=None, description="Whether the DoRA magnitude is per output row (PEFT) or per input column."
+    )
+    extras: dict[str, TensorRef] = Field(
+        default_factory=dict, description="Extra per-module tensors kept verbatim (e.g. A1111 `scale`)."
+    )
+
+    @property
+    def component(self) -> str:
+        return self.path.split(".", 1)[0]
+
+    @property
+    def rank(self) -> int | None:
+        """The rank the alpha is divided by (the rule every loader uses; None for rank-less algorithms)."""
+        from lorafmt.algorithms import get_algorithm
+
+        return get_algorithm(self.algorithm).rank(self)
+
+    @property
+    def scale(self) -> float:
+        """The effective multiplier on the algorithm's product: alpha / rank, or 1."""
+        rank = self.rank
+        if self.alpha is None or not rank:
+            return 1.0
+        return float(self.alpha) / rank
+
+    def all_tensors(self) -> dict[str, TensorRef]:
+        out = dict(self.tensors)
+        if self.dora_scale is not None:
+            out["dora_scale"] = self.dora_scale
+        for k, v in self.extras.items():
+            out[f"extra:{k}"] = v
+        return out
+
+
+class Provenance(BaseModel):
+    source: str | None = None
+    layout: str | None = None
+    evidence: list[str] = Field(default_factory=list)
+
+
+class LoraFile(BaseModel):
+    """A LoRA in canonical form.
+
+    Example:
+        >>> import lorafmt
+        >>> lora = lorafmt.read("fixtures/generated/kohya_sd15.safetensors")  # doctest: +SKIP
+        >>> lora.family, len(lora.modules)  # doctest: +SKIP
+        ('sd1', 128)
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    family: str | None = Field(default=None, description="Base-model family id (sd1, sd2, sdxl, sd3, flux1).")
+    modules: dict[str, Module] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict, description="safetensors metadata, verbatim.")
+    unplaced: dict[str, TensorRef] = Field(
+        default_factory=dict, description="Raw keys that could not be placed on a module (never dropped silently)."
+    )
+    provenance: Provenance = Field(default_factory=Provenance)
+
+    @property
+    def algorithms(self) -> list[str]:
+        return sorted({m.algorithm for m in self.modules.values()})
+
+    @property
+    def components(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.modules.values():
+            out[m.component] = out.get(m.component, 0) + 1
+        return dict(sorted(out.items()))
+
+    @property
+    def has_dora(self) -> bool:
+        return any(m.dora_scale is not None for m in self.modules.values())
+
+    def tensor_count(self) -> int:
+        return sum(len(m.all_tensors()) + (m.alpha is not None) for m in self.modules.values()) + len(self.unplaced)
+
+
+class Detection(BaseModel):
+    """What :func:`lorafmt.detect` found: the layout, its score and evidence, and the other candidates."""
+
+    layout: str
+    score: int
+    evidence: list[str] = Field(default_factory=list)
+    family: str | None = None
+    family_evidence: list[str] = Field(default_factory=list)
+    candidates: dict[str, int] = Field(default_factory=dict)
+
+
+class Diagnostic(BaseModel):
+    code: str
+    severity: Literal["error", "warning", "info"] = "info"
+    message: str
+    module: str | None = None
+    key: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ConversionReport(BaseModel):
+    """What a conversion did: layouts, counts, and every note about losses, folds or reshapes."""
+
+    source: str | None = None
+    destination: str | None = None
+    source_layout: str | None = None
+    target_layout: str
+    family: str | None = None
+    modules: int = 0
+    tensors_written: int = 0
+    bytes_streamed: int = 0
+    bytes_computed: int = 0
+    notes: list[Diagnostic] = Field(default_factory=list)
+    verified: bool | None = None
