@@ -6,9 +6,8 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import BaseModel, Field
 
 from lorafmt.algorithms import get_algorithm
@@ -27,6 +26,9 @@ from lorafmt.io.source import Source, open_source
 from lorafmt.layouts import get_layout
 from lorafmt.layouts._base import WriteOptions, WritePlan
 from lorafmt.schema import ConversionReport, Detection, Diagnostic, LoraFile, TensorRef
+
+if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
+    import numpy as np
 
 __all__ = ["read", "detect", "write", "convert", "diff", "inspect", "DiffReport", "ModuleDiff"]
 
@@ -267,6 +269,8 @@ def diff(a: str | os.PathLike | LoraFile | Any, b: str | os.PathLike | LoraFile 
         >>> lorafmt.diff("kohya.safetensors", "diffusers.safetensors").same  # doctest: +SKIP
         True
     """
+    import numpy as np
+
     la = a if isinstance(a, LoraFile) else read(a, family=family)
     lb = b if isinstance(b, LoraFile) else read(b, family=family)
     out: list[ModuleDiff] = []

@@ -8,9 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-import numpy as np
-
 from lorafmt.algorithms import algorithm_for_params, available_algorithms, get_algorithm
+from lorafmt.io.safetensors_io import ScalarReader
 from lorafmt.io.source import Source
 from lorafmt.schema import Diagnostic, LoraFile, Module, Provenance, TensorRef
 
@@ -68,6 +67,8 @@ def module_params(params: Iterable[str]) -> tuple[str | None, dict[str, str]]:
 
 
 def alpha_tensor(value: float, dtype: str | None) -> TensorRef:
+    import numpy as np
+
     dtype = dtype or "F32"
     return TensorRef.from_array("alpha", np.asarray(value, dtype=np.float32), dtype)
 
@@ -97,6 +98,11 @@ def assemble(
     read_alpha: Callable[[TensorRef], float] | None = None,
 ) -> LoraFile:
     """Turn collected parts into Modules, recording (not raising) structural problems."""
+    with ScalarReader() as scalars:
+        return _assemble(groups, source, layout, unplaced, issues, evidence, read_alpha or scalars.read)
+
+
+def _assemble(groups, source, layout, unplaced, issues, evidence, read_alpha) -> LoraFile:
     modules: dict[str, Module] = {}
     seen_raw: dict[str, str] = {}
     for parts in groups.values():
@@ -118,7 +124,7 @@ def assemble(
         if "alpha" in parts.params:
             ref = parts.params["alpha"]
             try:
-                alpha = (read_alpha or _read_scalar)(ref)
+                alpha = read_alpha(ref)
                 alpha_dtype = ref.dtype
             except ValueError as exc:
                 issues.append(issue("R004", str(exc), key=ref.key, module=parts.path))
@@ -177,9 +183,3 @@ def assemble(
     )
     return lora
 
-
-def _read_scalar(ref: TensorRef) -> float:
-    if ref.numel != 1:
-        msg = f"alpha must be a scalar, found shape {list(ref.shape)}"
-        raise ValueError(msg)
-    return float(ref.float32().reshape(-1)[0])
