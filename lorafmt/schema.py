@@ -196,6 +196,15 @@ class Module(BaseModel):
         return out
 
 
+class Diagnostic(BaseModel):
+    code: str
+    severity: Literal["error", "warning", "info"] = "info"
+    message: str
+    module: str | None = None
+    key: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
 class Provenance(BaseModel):
     source: str | None = None
     layout: str | None = None
@@ -218,6 +227,10 @@ class LoraFile(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict, description="safetensors metadata, verbatim.")
     unplaced: dict[str, TensorRef] = Field(
         default_factory=dict, description="Raw keys that could not be placed on a module (never dropped silently)."
+    )
+    issues: list[Diagnostic] = Field(
+        default_factory=list,
+        description="Structural problems found while reading (orphan tensors, rank mismatch, duplicate spellings).",
     )
     provenance: Provenance = Field(default_factory=Provenance)
 
@@ -249,15 +262,6 @@ class Detection(BaseModel):
     family: str | None = None
     family_evidence: list[str] = Field(default_factory=list)
     candidates: dict[str, int] = Field(default_factory=dict)
-
-
-class Diagnostic(BaseModel):
-    code: str
-    severity: Literal["error", "warning", "info"] = "info"
-    message: str
-    module: str | None = None
-    key: str | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
 
 
 class ConversionReport(BaseModel):

@@ -9,7 +9,7 @@ import numpy as np
 if TYPE_CHECKING:
     from lorafmt.schema import Module
 
-__all__ = ["Algorithm"]
+__all__ = ["Algorithm", "target_shape_of"]
 
 
 class Algorithm:
@@ -37,7 +37,21 @@ class Algorithm:
         """ΔW in float32, including the module's scale (alpha/rank), shaped like the base weight when known."""
         raise NotImplementedError
 
+    def weight_shape(self, module: Module) -> tuple[int, ...] | None:
+        """The base weight shape the tensors imply ((out, in) or (out, in, kh, kw)); None when unknown."""
+        return None
+
     def check(self, module: Module) -> list[str]:
         """Internal consistency problems (missing roles, rank disagreement); empty when fine."""
         missing = sorted(self.required - set(module.tensors))
         return [f"missing {role!r} tensor" for role in missing]
+
+
+def target_shape_of(module: Module) -> tuple[int, ...] | None:
+    """The shape of the base weight a module's tensors imply, or None when they don't say."""
+    from lorafmt.algorithms import get_algorithm
+
+    try:
+        return get_algorithm(module.algorithm).weight_shape(module)
+    except (KeyError, IndexError, ValueError):
+        return None

@@ -22,6 +22,7 @@ class LoRA(Algorithm):
         "down": "lora_down.weight",
         "up": "lora_up.weight",
         "mid": "lora_mid.weight",
+        "bias": "lora_B.bias",
     }
     required = frozenset({"down", "up"})
     detect_param = frozenset({"lora_down.weight", "lora_up.weight"})
@@ -49,6 +50,14 @@ class LoRA(Algorithm):
         if base_shape is not None and tuple(dw.shape) != tuple(base_shape):
             dw = dw.reshape(base_shape)
         return dw.astype(np.float32, copy=False)
+
+    def weight_shape(self, module: Module) -> tuple[int, ...] | None:
+        down, up = module.tensors["down"], module.tensors["up"]
+        mid = module.tensors.get("mid")
+        kernel = tuple(mid.shape[2:]) if mid is not None else tuple(down.shape[2:])
+        if kernel == (1, 1) and len(down.shape) == 4:
+            return (up.shape[0], down.shape[1], 1, 1)
+        return (up.shape[0], down.shape[1], *kernel)
 
     def check(self, module: Module) -> list[str]:
         problems = super().check(module)

@@ -1,0 +1,343 @@
+"""The public verbs: read, detect, write, convert, diff, inspect. No format knowledge lives here."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from lorafmt.algorithms import get_algorithm
+from lorafmt.detect import pick_layout
+from lorafmt.dtypes import CLI_DTYPES, FLOAT_DTYPES, from_float32
+from lorafmt.errors import (
+    LayoutError,
+    LossyConversionError,
+    SourceError,
+    UnplacedKeysError,
+    UnsupportedFeatureError,
+)
+from lorafmt.io.atomic import atomic_directory
+from lorafmt.io.safetensors_io import WriteEntry, write_safetensors
+from lorafmt.io.source import Source, open_source
+from lorafmt.layouts import get_layout
+from lorafmt.layouts._base import WriteOptions, WritePlan
+from lorafmt.schema import ConversionReport, Detection, Diagnostic, LoraFile, TensorRef
+
+__all__ = ["read", "detect", "write", "convert", "diff", "inspect", "DiffReport", "ModuleDiff"]
+
+
+def detect(src: str | os.PathLike | Any) -> Detection:
+    """Detect a file's layout and family from its header alone.
+
+    Example:
+        >>> d = lorafmt.detect("my_lora.safetensors")  # doctest: +SKIP
+        >>> d.layout, d.family  # doctest: +SKIP
+        ('kohya', 'sdxl')
+    """
+    source = open_source(src)
+    best, matches = pick_layout(source)
+    lora = get_layout(best.layout).read(source)
+    return Detection(
+        layout=best.layout,
+        score=best.score,
+        evidence=best.evidence,
+        family=lora.family,
+        family_evidence=lora.provenance.evidence,
+        candidates={m.layout: m.score for m in matches},
+    )
+
+
+def read(src: str | os.PathLike | Any, *, layout: str | None = None, family: str | None = None, metadata: dict[str, str] | None = None) -> LoraFile:
+    """Read a LoRA (path to a file or PEFT folder, or a ``{key: tensor}`` dict) into canonical form.
+
+    Only headers are read (plus alpha scalars); tensors stay lazy.
+
+    Example:
+        >>> lora = lorafmt.read("my_lora.safetensors")  # doctest: +SKIP
+        >>> lora.family, len(lora.modules)  # doctest: +SKIP
+    """
+    source = open_source(src, metadata=metadata)
+    if layout is None:
+        best, _ = pick_layout(source)
+        layout = best.layout
+        evidence = best.evidence
+    else:
+        evidence = ["layout given"]
+    lay = get_layout(layout)
+    lora = lay.read(source, family=family)
+    lora.provenance.layout = lay.name
+    lora.provenance.evidence = [*evidence, *lora.provenance.evidence]
+    return lora
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def _check_expressible(lora: LoraFile, layout_name: str, allow_lossy: bool) -> tuple[LoraFile, list[Diagnostic]]:
+    caps = get_layout(layout_name).capabilities
+    if not caps.writable:
+        msg = f"layout {layout_name!r} is read-only"
+        raise UnsupportedFeatureError(msg)
+    problems: dict[str, str] = {}
+    for path, m in lora.modules.items():
+        if m.algorithm not in caps.algorithms:
+            problems[path] = f"algorithm {m.algorithm!r} is not expressible in {layout_name}"
+        elif "mid" in m.tensors and not caps.tucker:
+            problems[path] = f"Tucker (lora_mid) factors are not expressible in {layout_name}"
+        elif m.dora_scale is not None and m.dora_axis not in caps.dora_axes:
+            problems[path] = f"DoRA magnitude on the {m.dora_axis} axis is not expressible in {layout_name}"
+        elif "bias" in m.tensors and not caps.lora_bias:
+            problems[path] = f"LoRA bias (lora_B.bias) is not expressible in {layout_name}"
+        elif m.component not in caps.components:
+            problems[path] = f"component {m.component!r} is not expressible in {layout_name}"
+    notes = []
+    if not problems:
+        return lora, notes
+    if not allow_lossy:
+        first = sorted(problems)[:5]
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        msg = f"{len(problems)} modules cannot be written as {layout_name}: " + "; ".join(f"{p}: {problems[p]}" for p in first) + more
+        raise LossyConversionError(msg, module=first[0], hint="pass --allow-lossy to drop them (each is reported)")
+    kept = {p: m for p, m in lora.modules.items() if p not in problems}
+    for path, why in sorted(problems.items()):
+        notes.append(Diagnostic(code="W001", severity="warning", message=f"dropped: {why}", module=path))
+    return lora.model_copy(update={"modules": kept}), notes
+
+
+def _entry(key: str, ref: TensorRef, dtype: str | None) -> tuple[WriteEntry, bool]:
+    """A write entry for `ref`; True when its bytes are streamed from the source file untouched."""
+    target = dtype if (dtype and ref.dtype in FLOAT_DTYPES and ref.shape != ()) else ref.dtype
+    if target == ref.dtype and ref.streamable:
+        return WriteEntry(key, ref.dtype, tuple(ref.shape), src_path=ref.file, src_offset=ref.offset, nbytes=ref.nbytes), True
+    if target == ref.dtype:
+        return WriteEntry(key, ref.dtype, tuple(ref.shape), data=ref.tobytes()), False
+    return WriteEntry(key, target, tuple(ref.shape), data=from_float32(ref.float32(), target).tobytes()), False
+
+
+def _execute(plan: WritePlan, dst: Path, dtype: str | None, force: bool, report: ConversionReport) -> None:
+    def entries_for(tensors: dict[str, TensorRef]) -> list[WriteEntry]:
+        out = []
+        for key, ref in tensors.items():
+            entry, streamed = _entry(key, ref, dtype)
+            out.append(entry)
+            if streamed:
+                report.bytes_streamed += entry.size
+            else:
+                report.bytes_computed += entry.size
+        report.tensors_written += len(out)
+        return out
+
+    if not plan.directory:
+        planned = plan.files[""]
+        write_safetensors(dst, entries_for(planned.tensors), planned.metadata, force=force)
+        return
+    with atomic_directory(dst, force=force) as tmp:
+        for rel, planned in sorted(plan.files.items()):
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_safetensors(target, entries_for(planned.tensors), planned.metadata, force=True)
+        for rel, data in sorted(plan.sidecars.items()):
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+
+def write(
+    lora: LoraFile,
+    dst: str | os.PathLike,
+    *,
+    layout: str,
+    family: str | None = None,
+    dtype: str | None = None,
+    allow_lossy: bool = False,
+    force: bool = True,
+) -> ConversionReport:
+    """Write a canonical LoRA in `layout` (a file, or a folder for ``peft``), atomically.
+
+    Example:
+        >>> lorafmt.write(lora, "out.safetensors", layout="diffusers")  # doctest: +SKIP
+    """
+    lay = get_layout(layout)
+    dtype = _norm_dtype(dtype)
+    lora, notes = _check_expressible(lora, lay.name, allow_lossy)
+    plan = lay.plan(lora, WriteOptions(family=family, allow_lossy=allow_lossy))
+    report = ConversionReport(
+        source=lora.provenance.source,
+        destination=str(dst),
+        source_layout=lora.provenance.layout,
+        target_layout=lay.name,
+        family=family or lora.family,
+        modules=len(lora.modules),
+        notes=[*notes, *plan.notes],
+    )
+    _execute(plan, Path(dst), dtype, force, report)
+    return report
+
+
+def _norm_dtype(dtype: str | None) -> str | None:
+    if dtype is None:
+        return None
+    key = dtype.lower()
+    if key in CLI_DTYPES:
+        return CLI_DTYPES[key]
+    if dtype.upper() in ("F16", "BF16", "F32"):
+        return dtype.upper()
+    msg = f"unknown dtype {dtype!r}; use fp16, bf16 or fp32"
+    raise SourceError(msg)
+
+
+def convert(
+    src: str | os.PathLike | Any,
+    dst: str | os.PathLike,
+    *,
+    to: str,
+    family: str | None = None,
+    source_layout: str | None = None,
+    dtype: str | None = None,
+    allow_lossy: bool = False,
+    strict: bool = True,
+    force: bool = False,
+) -> ConversionReport:
+    """Convert a LoRA to another layout. Refuses unplaced keys, structural errors and lossy writes by default.
+
+    Example:
+        >>> report = lorafmt.convert("kohya.safetensors", "pytorch_lora_weights.safetensors", to="diffusers")  # doctest: +SKIP
+        >>> report.modules  # doctest: +SKIP
+    """
+    lora = read(src, layout=source_layout, family=family)
+    if strict:
+        errors = [d for d in lora.issues if d.severity == "error"]
+        if errors:
+            first = errors[0]
+            msg = f"{len(errors)} structural problem(s): {first.message}"
+            raise LayoutError(msg, file=lora.provenance.source, key=first.key, module=first.module)
+        if lora.unplaced:
+            keys = sorted(lora.unplaced)
+            more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
+            msg = f"{len(keys)} key(s) could not be placed on a module: {', '.join(keys[:3])}{more}"
+            raise UnplacedKeysError(msg, file=lora.provenance.source, key=keys[0], hint="inspect the file with `lorafmt inspect`; pass --allow-lossy to drop them")
+    notes = []
+    if lora.unplaced and not strict:
+        for key in sorted(lora.unplaced):
+            notes.append(Diagnostic(code="W002", severity="warning", message="dropped unplaced key", key=key))
+    report = write(lora, dst, layout=to, family=family, dtype=dtype, allow_lossy=allow_lossy or not strict, force=force)
+    report.notes = [*notes, *report.notes]
+    return report
+
+
+# ------------------------------------------------------------------------------------------- diff
+
+
+class ModuleDiff(BaseModel):
+    module: str
+    status: str  # same | differ | only_a | only_b | shape
+    rel_error: float | None = None
+    norm_a: float | None = None
+    norm_b: float | None = None
+
+
+class DiffReport(BaseModel):
+    """Module-by-module comparison of the effective weight change of two LoRAs."""
+
+    a: str | None
+    b: str | None
+    rtol: float
+    same: bool
+    modules: list[ModuleDiff] = Field(default_factory=list)
+
+    @property
+    def differing(self) -> list[ModuleDiff]:
+        return [m for m in self.modules if m.status != "same"]
+
+
+def module_delta(module) -> np.ndarray:
+    """ΔW of one module in float32, scale included (DoRA magnitude not applied: it needs the base weight)."""
+    return get_algorithm(module.algorithm).delta(module)
+
+
+def diff(a: str | os.PathLike | LoraFile | Any, b: str | os.PathLike | LoraFile | Any, *, family: str | None = None, rtol: float = 2e-3) -> DiffReport:
+    """Compare the effective ΔW of two LoRAs module by module (any layouts).
+
+    Example:
+        >>> lorafmt.diff("kohya.safetensors", "diffusers.safetensors").same  # doctest: +SKIP
+        True
+    """
+    la = a if isinstance(a, LoraFile) else read(a, family=family)
+    lb = b if isinstance(b, LoraFile) else read(b, family=family)
+    out: list[ModuleDiff] = []
+    for path in sorted(set(la.modules) | set(lb.modules)):
+        ma, mb = la.modules.get(path), lb.modules.get(path)
+        if ma is None:
+            out.append(ModuleDiff(module=path, status="only_b"))
+            continue
+        if mb is None:
+            out.append(ModuleDiff(module=path, status="only_a"))
+            continue
+        da, db = module_delta(ma), module_delta(mb)
+        if da.size != db.size:
+            out.append(ModuleDiff(module=path, status="shape"))
+            continue
+        da, db = da.reshape(-1).astype(np.float64), db.reshape(-1).astype(np.float64)
+        na, nb = float(np.linalg.norm(da)), float(np.linalg.norm(db))
+        err = float(np.linalg.norm(da - db)) / max(na, nb, 1e-30)
+        if not math.isfinite(err):
+            err = 0.0 if np.array_equal(da, db, equal_nan=True) else math.inf
+        same = err <= rtol
+        if same and (ma.dora_scale is None) != (mb.dora_scale is None):
+            same = False
+        if same and ma.dora_scale is not None and mb.dora_scale is not None:
+            same = np.allclose(ma.dora_scale.float32().reshape(-1), mb.dora_scale.float32().reshape(-1), rtol=rtol, atol=0)
+        out.append(ModuleDiff(module=path, status="same" if same else "differ", rel_error=err, norm_a=na, norm_b=nb))
+    return DiffReport(a=la.provenance.source, b=lb.provenance.source, rtol=rtol, same=all(m.status == "same" for m in out), modules=out)
+
+
+# ------------------------------------------------------------------------------------------- inspect
+
+
+def inspect(src: str | os.PathLike | Any, *, layout: str | None = None, family: str | None = None) -> dict[str, Any]:
+    """A JSON-ready summary of a LoRA: layout, family, algorithms, components, ranks, alphas, dtypes, DoRA, metadata.
+
+    Header only (alpha scalars aside); never imports torch.
+
+    Example:
+        >>> lorafmt.inspect("my_lora.safetensors")["family"]  # doctest: +SKIP
+        'sdxl'
+    """
+    lora = read(src, layout=layout, family=family)
+    ranks: Counter[int] = Counter()
+    alphas: Counter[str] = Counter()
+    dtypes: Counter[str] = Counter()
+    for m in lora.modules.values():
+        if m.rank is not None:
+            ranks[m.rank] += 1
+        alphas["none" if m.alpha is None else _num(m.alpha)] += 1
+        for ref in m.all_tensors().values():
+            dtypes[ref.dtype] += 1
+    for ref in lora.unplaced.values():
+        dtypes[ref.dtype] += 1
+    return {
+        "path": lora.provenance.source,
+        "layout": lora.provenance.layout,
+        "layout_evidence": lora.provenance.evidence,
+        "family": lora.family,
+        "algorithms": lora.algorithms,
+        "components": lora.components,
+        "modules": len(lora.modules),
+        "tensors": lora.tensor_count(),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "alphas": dict(sorted(alphas.items())),
+        "dtypes": dict(sorted(dtypes.items())),
+        "dora": lora.has_dora,
+        "metadata": lora.metadata,
+        "unplaced_keys": sorted(lora.unplaced),
+        "issues": [d.model_dump() for d in lora.issues],
+    }
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"

@@ -1,0 +1,255 @@
+"""The ``lorafmt`` command line: a thin layer over the API that renders results and maps errors to exit codes.
+
+Exit codes: 0 success / same / valid; 1 findings or differences; 2 unusable input or refused operation.
+Errors print one line ``lorafmt: error: <what> (file …, key …)`` and an optional ``hint:`` line, never a
+traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+
+EXIT_OK, EXIT_FINDINGS, EXIT_UNUSABLE = 0, 1, 2
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- inspect
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="layout, family, algorithms, ranks, alphas, dtypes, metadata of a LoRA")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--from", dest="layout", help="skip detection and read as this layout")
+    p.add_argument("--family", help="skip family detection")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    from lorafmt.api import inspect
+
+    info = inspect(args.path, layout=args.layout, family=args.family)
+    if args.json:
+        _print_json(info)
+        return EXIT_OK
+    lines = [
+        f"file        {info['path']}",
+        f"layout      {info['layout']}",
+        f"family      {info['family'] or 'unknown'}",
+        f"algorithms  {', '.join(info['algorithms']) or '-'}",
+        f"components  {', '.join(f'{k} ({v})' for k, v in info['components'].items()) or '-'}",
+        f"tensors     {info['tensors']} / modules {info['modules']}",
+        f"ranks       {_counts(info['ranks'])}",
+        f"alphas      {_counts(info['alphas'])}",
+        f"dtypes      {_counts(info['dtypes'])}",
+        f"dora        {'yes' if info['dora'] else 'no'}",
+    ]
+    meta = info["metadata"]
+    if meta:
+        shown = {k: (v if len(v) <= 60 else v[:57] + "...") for k, v in sorted(meta.items())[:12]}
+        lines.append(f"metadata    {len(meta)} keys")
+        lines.extend(f"  {k} = {v}" for k, v in shown.items())
+    if info["unplaced_keys"]:
+        lines.append(f"unplaced    {len(info['unplaced_keys'])} keys, e.g. {', '.join(info['unplaced_keys'][:3])}")
+    for d in info["issues"][:10]:
+        lines.append(f"issue       [{d['code']}] {d['message']} ({d.get('module') or d.get('key')})")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def _counts(d: dict) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in d.items()) or "-"
+
+
+# ------------------------------------------------------------------------------------------- convert
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write a LoRA in another layout")
+    p.add_argument("src")
+    p.add_argument("--to", required=True, help="target layout (see `lorafmt layouts`)")
+    p.add_argument("-o", "--output", required=True, help="output file (a folder for --to peft)")
+    p.add_argument("--from", dest="source_layout", help="skip detection and read as this layout")
+    p.add_argument("--family", help="base-model family (sd1, sd2, sdxl, sd3, flux1) when detection can't tell")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="cast float tensors on write")
+    p.add_argument("--allow-lossy", action="store_true", help="drop what the target cannot express, reporting each loss")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--json", action="store_true", help="print the conversion report as JSON")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from lorafmt.api import convert
+
+    report = convert(
+        args.src,
+        args.output,
+        to=args.to,
+        family=args.family,
+        source_layout=args.source_layout,
+        dtype=args.dtype,
+        allow_lossy=args.allow_lossy,
+        force=args.force,
+    )
+    if args.json:
+        _print_json(report.model_dump())
+        return EXIT_OK
+    sys.stdout.write(
+        f"wrote {report.destination} ({report.target_layout}, family {report.family or 'unknown'}): "
+        f"{report.modules} modules, {report.tensors_written} tensors, "
+        f"{report.bytes_streamed} bytes streamed, {report.bytes_computed} bytes computed\n"
+    )
+    for note in report.notes:
+        sys.stdout.write(f"  {note.severity}: [{note.code}] {note.message} ({note.module or note.key})\n")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- diff
+
+
+def _add_diff(sub) -> None:
+    p = sub.add_parser("diff", help="compare the effective weight change of two LoRAs module by module")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--family")
+    p.add_argument("--rtol", type=float, default=2e-3, help="relative tolerance per module (default 2e-3)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_diff)
+
+
+def _run_diff(args) -> int:
+    from lorafmt.api import diff
+
+    report = diff(args.a, args.b, family=args.family, rtol=args.rtol)
+    if args.json:
+        _print_json(report.model_dump())
+    else:
+        bad = report.differing
+        sys.stdout.write(
+            f"{len(report.modules)} modules compared: {len(report.modules) - len(bad)} same, {len(bad)} differ "
+            f"(rtol {report.rtol:g})\n"
+        )
+        for m in bad[:50]:
+            detail = f" rel_error {m.rel_error:.3g}" if m.rel_error is not None else ""
+            sys.stdout.write(f"  {m.status:7s} {m.module}{detail}\n")
+        if len(bad) > 50:
+            sys.stdout.write(f"  ... and {len(bad) - 50} more\n")
+    return EXIT_OK if report.same else EXIT_FINDINGS
+
+
+# ------------------------------------------------------------------------------------------- layouts
+
+
+def _add_layouts(sub) -> None:
+    p = sub.add_parser("layouts", help="list layouts, aliases and what each can express")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_layouts)
+
+
+def _run_layouts(args) -> int:
+    from lorafmt.layouts import available_layouts
+
+    rows = []
+    for lay in available_layouts():
+        c = lay.capabilities
+        rows.append(
+            {
+                "layout": lay.name,
+                "aliases": list(lay.aliases),
+                "read": c.readable,
+                "write": c.writable,
+                "algorithms": sorted(c.algorithms),
+                "dora_axes": sorted(c.dora_axes),
+                "alpha": c.alpha,
+                "families": sorted(c.families),
+                "directory": c.directory,
+                "description": lay.description,
+            }
+        )
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    for r in rows:
+        mode = ("r" if r["read"] else "-") + ("w" if r["write"] else "-")
+        alias = f" (alias {', '.join(r['aliases'])})" if r["aliases"] else ""
+        sys.stdout.write(f"{r['layout']:18s} {mode}  {r['description']}{alias}\n")
+        sys.stdout.write(
+            f"{'':18s}     algorithms: {', '.join(r['algorithms'])}; DoRA: {', '.join(r['dora_axes']) or 'no'}; "
+            f"alpha: {r['alpha']}; families: {', '.join(r['families'])}\n"
+        )
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- main
+
+# Each entry adds one subcommand; modules owned by other features plug in here.
+SUBCOMMANDS: list[Callable] = [_add_inspect, _add_convert, _add_diff, _add_layouts]
+
+
+def _optional_subcommands() -> list[Callable]:
+    found = []
+    for modname, attr in (
+        ("lorafmt.cli_validate", "add_parser"),
+        ("lorafmt.cli_fuse", "add_parser"),
+        ("lorafmt.cli_batch", "add_parser"),
+    ):
+        try:
+            module = __import__(modname, fromlist=[attr])
+        except ModuleNotFoundError as exc:
+            if exc.name != modname:
+                raise
+            continue
+        found.append(getattr(module, attr))
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lorafmt import __version__
+
+    parser = argparse.ArgumentParser(prog="lorafmt", description="Convert, validate and fuse diffusion LoRA checkpoints.")
+    parser.add_argument("--version", action="version", version=f"lorafmt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in [*SUBCOMMANDS, *_optional_subcommands()]:
+        add(sub)
+    return parser
+
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lorafmt`` console script."""
+    from lorafmt.errors import LorafmtError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LorafmtError as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"lorafmt: error: {exc}\n")
+        if exc.hint:
+            sys.stderr.write(f"hint: {exc.hint}\n")
+        return EXIT_UNUSABLE
+    except (OSError, MemoryError) as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"lorafmt: error: {exc}\n")
+        return EXIT_UNUSABLE
+    except KeyboardInterrupt:
+        sys.stderr.write("lorafmt: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The layout contract: sniff a source from its header, read it into a LoraFile, plan a write."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from lorafmt.io.source import Source
+    from lorafmt.schema import Diagnostic, LoraFile, TensorRef
+
+__all__ = ["Capabilities", "Match", "Layout", "PlannedFile", "WritePlan", "WriteOptions"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a layout can express; drives refusals on write and the property-test strategies."""
+
+    readable: bool = True
+    writable: bool = True
+    algorithms: frozenset[str] = frozenset({"lora"})
+    tucker: bool = False
+    dora_axes: frozenset[str] = frozenset()
+    lora_bias: bool = False
+    alpha: str = "tensor"  # where per-module alpha lives: tensor | metadata | config | none
+    families: frozenset[str] = frozenset({"sd1", "sd2", "sdxl"})
+    components: frozenset[str] = frozenset({"unet", "text_encoder", "text_encoder_2"})
+    directory: bool = False
+    metadata: bool = True
+
+
+@dataclass
+class Match:
+    """A layout's claim on a source: a score 0..100 and the evidence for it."""
+
+    layout: str
+    score: int
+    evidence: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WriteOptions:
+    family: str | None = None
+    allow_lossy: bool = False
+
+
+@dataclass
+class PlannedFile:
+    tensors: dict[str, TensorRef] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class WritePlan:
+    """What to write: one file (``files[""]``) or a folder of files and sidecars."""
+
+    directory: bool = False
+    files: dict[str, PlannedFile] = field(default_factory=dict)
+    sidecars: dict[str, bytes] = field(default_factory=dict)
+    notes: list[Diagnostic] = field(default_factory=list)
+
+
+class Layout:
+    """Base class of every layout module's ``LAYOUT`` object."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    def sniff(self, source: Source) -> Match | None:
+        raise NotImplementedError
+
+    def read(self, source: Source, *, family: str | None = None) -> LoraFile:
+        raise NotImplementedError
+
+    def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
+        from lorafmt.errors import UnsupportedFeatureError
+
+        msg = f"layout {self.name!r} is read-only"
+        raise UnsupportedFeatureError(msg)

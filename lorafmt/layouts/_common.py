@@ -1,0 +1,185 @@
+"""Helpers every layout uses: grouping keys into modules, structural checks, alpha scalars.
+
+Not a layout: layouts import this, never each other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from lorafmt.algorithms import algorithm_for_params, available_algorithms, get_algorithm
+from lorafmt.io.source import Source
+from lorafmt.schema import Diagnostic, LoraFile, Module, Provenance, TensorRef
+
+__all__ = [
+    "KNOWN_PARAMS",
+    "ModuleParts",
+    "assemble",
+    "alpha_tensor",
+    "issue",
+    "lycoris_param_to_role",
+    "module_params",
+]
+
+# Per-module keys every kohya-family reader understands beside the algorithm's own parameters.
+EXTRA_PARAMS = ("alpha", "dora_scale", "scale")
+
+
+def lycoris_param_to_role() -> dict[str, tuple[str, str]]:
+    """LyCORIS/kohya parameter name -> (algorithm, role)."""
+    table: dict[str, tuple[str, str]] = {}
+    for algo in available_algorithms():
+        for role, param in algo.param_names.items():
+            table.setdefault(param, (algo.name, role))
+    return table
+
+
+def KNOWN_PARAMS() -> frozenset[str]:  # noqa: N802 - a computed constant
+    return frozenset(lycoris_param_to_role()) | frozenset(EXTRA_PARAMS)
+
+
+def issue(code: str, message: str, *, key: str | None = None, module: str | None = None, severity: str = "error") -> Diagnostic:
+    return Diagnostic(code=code, severity=severity, message=message, key=key, module=module)
+
+
+class ModuleParts:
+    """Tensors collected for one raw module name before it becomes a :class:`Module`."""
+
+    def __init__(self, path: str, raw_name: str) -> None:
+        self.path = path
+        self.raw_name = raw_name
+        self.params: dict[str, TensorRef] = {}
+
+    def add(self, param: str, ref: TensorRef) -> None:
+        self.params[param] = ref
+
+
+def module_params(params: Iterable[str]) -> tuple[str | None, dict[str, str]]:
+    """Pick the algorithm for a set of LyCORIS-style parameter names; returns (algorithm, param -> role)."""
+    params = set(params)
+    algo = algorithm_for_params(params - set(EXTRA_PARAMS))
+    if algo is None:
+        return None, {}
+    inverse = {p: r for r, p in algo.param_names.items()}
+    return algo.name, {p: inverse[p] for p in params if p in inverse}
+
+
+def alpha_tensor(value: float, dtype: str | None) -> TensorRef:
+    dtype = dtype or "F32"
+    return TensorRef.from_array("alpha", np.asarray(value, dtype=np.float32), dtype)
+
+
+def dora_axis_of(ref: TensorRef, up_shape: tuple[int, ...] | None) -> str | None:
+    """Output-axis magnitudes are shaped (out, 1[,1,1]) or (out,); input-axis ones (1, in[,1,1])."""
+    shape = ref.shape
+    if len(shape) == 1:
+        return "out"
+    if len(shape) >= 2 and shape[0] == 1 and shape[1] != 1:
+        return "in"
+    if len(shape) >= 2 and shape[1] == 1 and shape[0] != 1:
+        return "out"
+    if len(shape) >= 2 and shape[0] == 1 and shape[1] == 1:
+        return "out" if up_shape is not None and up_shape[0] == 1 else "in"
+    return None
+
+
+def assemble(
+    groups: dict[str, ModuleParts],
+    source: Source,
+    *,
+    layout: str,
+    unplaced: dict[str, TensorRef],
+    issues: list,
+    evidence: list[str],
+    read_alpha: Callable[[TensorRef], float] | None = None,
+) -> LoraFile:
+    """Turn collected parts into Modules, recording (not raising) structural problems."""
+    modules: dict[str, Module] = {}
+    seen_raw: dict[str, str] = {}
+    for parts in groups.values():
+        algo_name, roles = module_params(parts.params)
+        if algo_name is None:
+            for param, ref in parts.params.items():
+                unplaced[ref.key] = ref
+            issues.append(
+                issue(
+                    "R001",
+                    f"no algorithm explains parameters {sorted(parts.params)}",
+                    key=next(iter(parts.params.values())).key,
+                    module=parts.path,
+                )
+            )
+            continue
+        tensors = {role: parts.params[p] for p, role in roles.items()}
+        alpha = alpha_dtype = None
+        if "alpha" in parts.params:
+            ref = parts.params["alpha"]
+            try:
+                alpha = (read_alpha or _read_scalar)(ref)
+                alpha_dtype = ref.dtype
+            except ValueError as exc:
+                issues.append(issue("R004", str(exc), key=ref.key, module=parts.path))
+                unplaced[ref.key] = ref
+        extras = {}
+        if "scale" in parts.params:
+            extras["scale"] = parts.params["scale"]
+        dora = parts.params.get("dora_scale")
+        module = Module.model_construct(
+            path=parts.path,
+            algorithm=algo_name,
+            tensors=tensors,
+            alpha=alpha,
+            alpha_dtype=alpha_dtype,
+            dora_scale=dora,
+            dora_axis=dora_axis_of(dora, tensors["up"].shape if "up" in tensors else None) if dora is not None else None,
+            extras=extras,
+        )
+        leftovers = set(parts.params) - set(roles) - set(EXTRA_PARAMS)
+        for p in sorted(leftovers):
+            unplaced[parts.params[p].key] = parts.params[p]
+        problems = get_algorithm(algo_name).check(module)
+        if problems:
+            for prob in problems:
+                code = "R002" if prob.startswith("missing") else "R003"
+                issues.append(issue(code, prob, key=next(iter(parts.params.values())).key, module=parts.path))
+            if any(p.startswith("missing") for p in problems):
+                # An orphan half cannot make a weight change: keep its keys visible, not as a module.
+                for ref in parts.params.values():
+                    unplaced[ref.key] = ref
+                continue
+        if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
+            issues.append(
+                issue("R004", f"alpha {alpha} is not a positive finite number", key=parts.params["alpha"].key, module=parts.path)
+            )
+        if parts.path in modules:
+            issues.append(
+                issue(
+                    "R005",
+                    f"module spelled twice: {seen_raw[parts.path]!r} and {parts.raw_name!r}",
+                    key=parts.raw_name,
+                    module=parts.path,
+                )
+            )
+            for ref in parts.params.values():
+                unplaced[ref.key] = ref
+            continue
+        seen_raw[parts.path] = parts.raw_name
+        modules[parts.path] = module
+    lora = LoraFile(
+        modules=dict(sorted(modules.items())),
+        metadata=dict(source.metadata),
+        unplaced=unplaced,
+        issues=issues,
+        provenance=Provenance(source=source.path, layout=layout, evidence=evidence),
+    )
+    return lora
+
+
+def _read_scalar(ref: TensorRef) -> float:
+    if ref.numel != 1:
+        msg = f"alpha must be a scalar, found shape {list(ref.shape)}"
+        raise ValueError(msg)
+    return float(ref.float32().reshape(-1)[0])

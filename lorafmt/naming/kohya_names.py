@@ -1,0 +1,79 @@
+"""kohya-style flattened module names (every '.' replaced by '_') and their exact inverse.
+
+Flattening is lossy because module names contain underscores themselves (``transformer_blocks``,
+``to_out``). We invert it with a vocabulary of every multi-word segment of the architectures we know
+(diffusers, transformers, SGM/LDM, BFL and SAI names): the body is split on '_' and tokens are rejoined
+greedily, longest vocabulary word first.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+__all__ = ["flatten", "unflatten", "SEGMENT_VOCABULARY"]
+
+# Multi-word path segments, by source. Single words (attn1, proj, net, 0) need no entry.
+SEGMENT_VOCABULARY: frozenset[str] = frozenset(
+    {
+        # diffusers UNet2DConditionModel
+        "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+        "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
+        "time_embedding", "linear_1", "linear_2", "add_embedding", "class_embedding",
+        # SGM / LDM U-Net (kohya SDXL, original checkpoints)
+        "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
+        "skip_connection", "time_embed", "label_emb",
+        # transformers CLIP / T5
+        "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2",
+        "final_layer_norm", "text_projection", "token_embedding", "position_embedding", "wi_0", "wi_1",
+        "layer_norm", "relative_attention_bias",
+        # Flux (BFL names) and diffusers Flux/SD3 transformers
+        "double_blocks", "single_blocks", "img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod",
+        "final_layer", "adaLN_modulation", "img_in", "txt_in", "time_in", "vector_in", "guidance_in",
+        "in_layer", "out_layer", "query_norm", "key_norm", "single_transformer_blocks", "to_add_out",
+        "add_q_proj", "add_k_proj", "add_v_proj", "ff_context", "norm1_context", "proj_mlp", "norm_out",
+        "x_embedder", "context_embedder", "time_text_embed", "timestep_embedder", "text_embedder",
+        "guidance_embedder", "norm_q", "norm_k", "norm_added_q", "norm_added_k", "pos_embed",
+        # SD3 (SAI MMDiT names)
+        "joint_blocks", "context_block", "x_block", "t_embedder", "y_embedder",
+    }
+)
+
+
+def flatten(path: str) -> str:
+    """``down_blocks.0.attentions.0`` -> ``down_blocks_0_attentions_0``."""
+    return path.replace(".", "_")
+
+
+@lru_cache(maxsize=1)
+def _by_length() -> tuple[int, dict[int, frozenset[tuple[str, ...]]]]:
+    groups: dict[int, set[tuple[str, ...]]] = {}
+    for word in SEGMENT_VOCABULARY:
+        parts = tuple(word.split("_"))
+        groups.setdefault(len(parts), set()).add(parts)
+    longest = max(groups)
+    return longest, {n: frozenset(v) for n, v in groups.items()}
+
+
+def unflatten(body: str) -> str:
+    """Turn a flattened kohya body back into a dotted module path.
+
+    >>> unflatten("down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0")
+    'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0'
+    >>> unflatten("text_model_encoder_layers_11_self_attn_q_proj")
+    'text_model.encoder.layers.11.self_attn.q_proj'
+    """
+    tokens = body.split("_")
+    longest, groups = _by_length()
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        for n in range(min(longest, len(tokens) - i), 1, -1):
+            cand = tuple(tokens[i : i + n])
+            if cand in groups.get(n, ()):
+                out.append("_".join(cand))
+                i += n
+                break
+        else:
+            out.append(tokens[i])
+            i += 1
+    return ".".join(out)

@@ -1,0 +1,71 @@
+"""PEFT ``LoraConfig`` arithmetic shared by the ``diffusers`` (header metadata) and ``peft`` (adapter_config.json)
+layouts: per-module rank and alpha from ``r``/``lora_alpha``/``rank_pattern``/``alpha_pattern``/``use_rslora``,
+and the inverse: the smallest config that reproduces a set of per-module ranks and alphas exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Any
+
+__all__ = ["pattern_value", "module_pattern", "config_for_modules", "canonical_alpha"]
+
+
+def pattern_value(patterns: dict[str, Any] | None, name: str, default: Any) -> Any:
+    """What PEFT picks for module `name` (``peft.utils.other.get_pattern_key``: first key k with
+    ``re.match(rf"(.*\\.)?({k})$", name)``)."""
+    # CLIP module names lost their ``text_model.`` level in transformers 5; configs may use either spelling.
+    names = [name, name[len("text_model.") :]] if name.startswith("text_model.") else [name]
+    for key, value in (patterns or {}).items():
+        for candidate in names:
+            try:
+                if re.match(rf"(.*\.)?({key})$", candidate):
+                    return value
+            except re.error:
+                break
+    return default
+
+
+def module_pattern(rel: str, *, text_encoder: bool) -> str:
+    """An anchored pattern matching exactly one module (``^`` as diffusers writes since peft#2419).
+
+    CLIP text encoders lost their ``text_model`` level in transformers 5, so their patterns accept both spellings.
+    """
+    if text_encoder and rel.startswith("text_model."):
+        return r"^(?:text_model\.)?" + re.escape(rel[len("text_model.") :])
+    return "^" + re.escape(rel)
+
+
+def canonical_alpha(lora_alpha: float, rank: int, use_rslora: bool) -> float:
+    """Canonical alpha (scale = alpha / rank) from PEFT's: rsLoRA scales by alpha / sqrt(rank)."""
+    return lora_alpha * rank / math.sqrt(rank) if use_rslora else lora_alpha
+
+
+def _number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def config_for_modules(modules: dict[str, tuple[int, float]], *, text_encoder: bool) -> dict[str, Any]:
+    """``{rel path: (rank, alpha)}`` -> LoraConfig fields (r, lora_alpha, rank_pattern, alpha_pattern, target_modules)."""
+    ranks = Counter(r for r, _ in modules.values())
+    alphas = Counter(a for _, a in modules.values())
+    r = ranks.most_common(1)[0][0] if ranks else 8
+    alpha = alphas.most_common(1)[0][0] if alphas else r
+    rank_pattern = {}
+    alpha_pattern = {}
+    targets = []
+    for rel, (mr, ma) in sorted(modules.items()):
+        targets.append(rel[len("text_model.") :] if text_encoder and rel.startswith("text_model.") else rel)
+        if mr != r:
+            rank_pattern[module_pattern(rel, text_encoder=text_encoder)] = mr
+        if ma != alpha:
+            alpha_pattern[module_pattern(rel, text_encoder=text_encoder)] = _number(ma)
+    return {
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "target_modules": targets,
+    }
