@@ -369,7 +369,10 @@ def family_specs() -> list[FamilySpec]:
         "Stable Diffusion 1.5 inpainting (9-channel conv_in)",
         [
             ComponentConfig(
-                "unet/sd15-inpainting", "unet", unet, SD15_INPAINT_UNET,
+                "unet/sd15-inpainting",
+                "unet",
+                unet,
+                SD15_INPAINT_UNET,
                 "runwayml/stable-diffusion-inpainting unet/config.json",
             ),
             sd1_te,
@@ -379,7 +382,10 @@ def family_specs() -> list[FamilySpec]:
 
     sd2 = FamilySpec("sd2", "base")
     sd2_te = ComponentConfig(
-        "text_encoder/openclip-h-23", "text_encoder", "CLIPTextModel", OPENCLIP_H_SD2,
+        "text_encoder/openclip-h-23",
+        "text_encoder",
+        "CLIPTextModel",
+        OPENCLIP_H_SD2,
         "stabilityai/stable-diffusion-2-1 text_encoder/config.json",
     )
     sd2.variants["base"] = (
@@ -393,7 +399,10 @@ def family_specs() -> list[FamilySpec]:
         "Stable Diffusion 2 inpainting (9-channel conv_in)",
         [
             ComponentConfig(
-                "unet/sd2-inpainting", "unet", unet, SD2_INPAINT_UNET,
+                "unet/sd2-inpainting",
+                "unet",
+                unet,
+                SD2_INPAINT_UNET,
                 "stabilityai/stable-diffusion-2-inpainting unet/config.json",
             ),
             sd2_te,
@@ -416,7 +425,10 @@ def family_specs() -> list[FamilySpec]:
         "Stable Diffusion XL 1.0 inpainting (9-channel conv_in)",
         [
             ComponentConfig(
-                "unet/sdxl-inpainting", "unet", unet, SDXL_INPAINT_UNET,
+                "unet/sdxl-inpainting",
+                "unet",
+                unet,
+                SDXL_INPAINT_UNET,
                 "diffusers/stable-diffusion-xl-1.0-inpainting-0.1 unet/config.json",
             ),
             *sdxl_tes,
@@ -431,7 +443,10 @@ def family_specs() -> list[FamilySpec]:
         "Stable Diffusion 3 Medium",
         [
             ComponentConfig(
-                "transformer/sd3-medium", "transformer", mmdit, SD3_MEDIUM_TRANSFORMER,
+                "transformer/sd3-medium",
+                "transformer",
+                mmdit,
+                SD3_MEDIUM_TRANSFORMER,
                 "stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json",
             ),
             *sd3_tes,
@@ -441,7 +456,10 @@ def family_specs() -> list[FamilySpec]:
         "Stable Diffusion 3.5 Large (and Large Turbo)",
         [
             ComponentConfig(
-                "transformer/sd3.5-large", "transformer", mmdit, SD35_LARGE_TRANSFORMER,
+                "transformer/sd3.5-large",
+                "transformer",
+                mmdit,
+                SD35_LARGE_TRANSFORMER,
                 "stabilityai/stable-diffusion-3.5-large transformer/config.json",
             ),
             *sd3_tes,
@@ -451,7 +469,10 @@ def family_specs() -> list[FamilySpec]:
         "Stable Diffusion 3.5 Medium (MMDiT-X)",
         [
             ComponentConfig(
-                "transformer/sd3.5-medium", "transformer", mmdit, SD35_MEDIUM_TRANSFORMER,
+                "transformer/sd3.5-medium",
+                "transformer",
+                mmdit,
+                SD35_MEDIUM_TRANSFORMER,
                 "stabilityai/stable-diffusion-3.5-medium transformer/config.json",
             ),
             *sd3_tes,
@@ -464,12 +485,24 @@ def family_specs() -> list[FamilySpec]:
     fluxcls = "FluxTransformer2DModel"
     for variant, desc, cfg, source in (
         ("dev", "FLUX.1 [dev]", FLUX_DEV_TRANSFORMER, "black-forest-labs/FLUX.1-dev transformer/config.json"),
-        ("schnell", "FLUX.1 [schnell] (no guidance embedder)", FLUX_SCHNELL_TRANSFORMER,
-         "black-forest-labs/FLUX.1-schnell transformer/config.json"),
-        ("fill", "FLUX.1 Fill [dev] (384-channel x_embedder)", FLUX_FILL_TRANSFORMER,
-         "black-forest-labs/FLUX.1-Fill-dev transformer/config.json"),
-        ("control", "FLUX.1 Depth/Canny [dev] and BFL control LoRAs (128-channel x_embedder)",
-         FLUX_CONTROL_TRANSFORMER, "black-forest-labs/FLUX.1-Depth-dev transformer/config.json"),
+        (
+            "schnell",
+            "FLUX.1 [schnell] (no guidance embedder)",
+            FLUX_SCHNELL_TRANSFORMER,
+            "black-forest-labs/FLUX.1-schnell transformer/config.json",
+        ),
+        (
+            "fill",
+            "FLUX.1 Fill [dev] (384-channel x_embedder)",
+            FLUX_FILL_TRANSFORMER,
+            "black-forest-labs/FLUX.1-Fill-dev transformer/config.json",
+        ),
+        (
+            "control",
+            "FLUX.1 Depth/Canny [dev] and BFL control LoRAs (128-channel x_embedder)",
+            FLUX_CONTROL_TRANSFORMER,
+            "black-forest-labs/FLUX.1-Depth-dev transformer/config.json",
+        ),
     ):
         flux.variants[variant] = (
             desc,
@@ -479,14 +512,20 @@ def family_specs() -> list[FamilySpec]:
 
     amused = FamilySpec("amused", "amused-256")
     amused_te = ComponentConfig(
-        "text_encoder/clip-l-proj", "text_encoder", "CLIPTextModelWithProjection", AMUSED_CLIP_L,
+        "text_encoder/clip-l-proj",
+        "text_encoder",
+        "CLIPTextModelWithProjection",
+        AMUSED_CLIP_L,
         "amused/amused-256 text_encoder/config.json (CLIP ViT-L/14 text tower)",
     )
     amused.variants["amused-256"] = (
         "aMUSEd 256",
         [
             ComponentConfig(
-                "transformer/amused-256", "transformer", "UVit2DModel", AMUSED_256_TRANSFORMER,
+                "transformer/amused-256",
+                "transformer",
+                "UVit2DModel",
+                AMUSED_256_TRANSFORMER,
                 "amused/amused-256 transformer/config.json",
             ),
             amused_te,
@@ -496,7 +535,10 @@ def family_specs() -> list[FamilySpec]:
         "aMUSEd 512 (down/up-sampling stage)",
         [
             ComponentConfig(
-                "transformer/amused-512", "transformer", "UVit2DModel", AMUSED_512_TRANSFORMER,
+                "transformer/amused-512",
+                "transformer",
+                "UVit2DModel",
+                AMUSED_512_TRANSFORMER,
                 "amused/amused-512 transformer/config.json",
             ),
             amused_te,

@@ -28,7 +28,7 @@ import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from types import MappingProxyType
 from typing import Any, Literal
@@ -37,15 +37,15 @@ from lorafmt.errors import LorafmtError
 
 __all__ = [
     "Architecture",
-    "ModuleSpec",
     "ModuleKind",
+    "ModuleSpec",
     "UnknownArchitectureError",
-    "families",
-    "variants",
     "default_variant",
+    "families",
     "load",
     "load_all_variants",
     "segment_vocabulary",
+    "variants",
 ]
 
 ModuleKind = Literal["linear", "conv2d", "norm", "embedding", "other"]
@@ -160,7 +160,7 @@ def families() -> list[str]:
     return [f for f in _FAMILY_ORDER if f in names] + sorted(names - set(_FAMILY_ORDER))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _document(family: str) -> dict[str, Any]:
     files = _family_files()
     if family not in files:
@@ -212,7 +212,6 @@ def _decode_component(
     return modules
 
 
-@lru_cache(maxsize=None)
 def load(family: str, variant: str | None = None) -> Architecture:
     """The architecture of ``family`` (and ``variant``, default :func:`default_variant`), cached.
 
@@ -223,12 +222,20 @@ def load(family: str, variant: str | None = None) -> Architecture:
         >>> arch = load("flux1", "schnell")
         >>> "transformer.time_text_embed.guidance_embedder.linear_1" in arch
         False
+        >>> load("flux1") is load("flux1", "dev")
+        True
     """
     doc = _document(family)
     variant = variant or doc["default_variant"]
     if variant not in doc["variants"]:
         msg = f"unknown variant {variant!r} of {family}; known: {', '.join(variants(family))}"
         raise UnknownArchitectureError(msg)
+    return _load(family, variant)
+
+
+@cache
+def _load(family: str, variant: str) -> Architecture:
+    doc = _document(family)
     specs = [ModuleSpec(kind, tuple(shape), bool(bias)) for kind, shape, bias in doc["specs"]]
     memo: dict[str, dict[str, ModuleSpec]] = {}
     vdoc = doc["variants"][variant]
