@@ -94,6 +94,10 @@ FP16_MAX = 65504.0
 # spread their norms over an order of magnitude or two between blocks; this flags only what stands far out.
 OUTLIER_Z = 6.0
 OUTLIER_MIN_MODULES = 8
+# ...and is at least 10x the median norm: when all norms are nearly equal the MAD is tiny and z alone would flag
+# modules that are merely 20% larger. The spread floor (log10 units) keeps z meaningful in that case.
+OUTLIER_MIN_DECADES = 1.0
+OUTLIER_MIN_SPREAD = 0.05
 
 
 # --------------------------------------------------------------------------------------------- report model
@@ -339,12 +343,18 @@ def shape_problem(module: Module, spec: ModuleSpec) -> tuple[str, str | None] | 
 # --------------------------------------------------------------------------------------------- family fit
 
 
-def _fit_one(lora: LoraFile, arch: Architecture) -> int:
+def _fit_one(lora: LoraFile, arch: Architecture, memo: dict[tuple[str, ModuleSpec], bool]) -> int:
+    """How many modules of ``lora`` exist in ``arch`` with compatible shapes (``memo`` caches shape verdicts, which
+    variants and families share for most modules)."""
     fitting = 0
     for path, module in lora.modules.items():
         spec = arch.modules.get(path)
-        if spec is not None and shape_problem(module, spec) is None:
-            fitting += 1
+        if spec is None:
+            continue
+        fits = memo.get((path, spec))
+        if fits is None:
+            fits = memo[(path, spec)] = shape_problem(module, spec) is None
+        fitting += fits
     return fitting
 
 
@@ -360,10 +370,11 @@ def family_fit(lora: LoraFile, families: Iterable[str] | None = None) -> list[Fa
     """
     total = len(lora.modules)
     out = []
+    memo: dict[tuple[str, ModuleSpec], bool] = {}
     for family in families or architectures.families():
         best: FamilyFit | None = None
         for arch in architectures.load_all_variants(family):
-            n = _fit_one(lora, arch)
+            n = _fit_one(lora, arch, memo)
             if best is None or n > best.fitting:
                 best = FamilyFit(family=family, variant=arch.variant, fitting=n, total=total)
         assert best is not None
@@ -670,20 +681,15 @@ def _delta_facts(module: Module, arrays: dict[str, Any]) -> tuple[bool, str | No
     return norm == 0.0, (_first_key(module) if norm == 0.0 else None), norm
 
 
-# Below this many multiply-adds a Gram matrix is computed with einsum (plain C loops): BLAS's threads cost more
-# than they save on small products, and far more on a machine whose cores are all busy.
-_SMALL_PRODUCT = 8_000_000
-
-
 def _gram(a: Any, *, rows: bool) -> Any:
-    """``a @ a.T`` (``rows``) or ``a.T @ a``."""
+    """``a @ a.T`` (``rows``) or ``a.T @ a``, with einsum's plain C loops rather than BLAS.
+
+    The products are small (r x r); BLAS spends more on its threads than it saves here, and on a machine whose
+    cores are all busy (a CI runner, a hub worker validating many files) its threads make it 10-100x slower.
+    """
     import numpy as np
 
-    r = a.shape[0] if rows else a.shape[1]
-    n = a.shape[1] if rows else a.shape[0]
-    if r * r * n <= _SMALL_PRODUCT:
-        return np.einsum("ij,kj->ik", a, a) if rows else np.einsum("ji,jk->ik", a, a)
-    return a @ a.T if rows else a.T @ a
+    return np.einsum("ij,kj->ik", a, a) if rows else np.einsum("ji,jk->ik", a, a)
 
 
 def _values(ctx: Context) -> dict[str, ModuleValues]:
@@ -726,9 +732,10 @@ def check_outlier_norms(ctx: Context) -> Iterator[Finding]:
         mad = float(np.mean(np.abs(logs - median))) * 1.2533 or 0.0
         if mad == 0.0:
             return
+    mad = max(mad, OUTLIER_MIN_SPREAD)
     for path, value in zip(paths, logs):
         z = 0.6745 * (value - median) / mad
-        if z > OUTLIER_Z:
+        if z > OUTLIER_Z and value - median >= OUTLIER_MIN_DECADES:
             module = ctx.lora.modules[path]
             yield ctx.finding(
                 RULES["V203"],

@@ -288,6 +288,15 @@ def test_V203_outlier_norm(tmp_path):
     assert finding.data["robust_z"] > 6
 
 
+def test_similar_norms_are_not_outliers(tmp_path):
+    """Norms within a few percent of each other give a tiny MAD; a module 1.5x its peers is still no outlier."""
+    paths = [p for p in SD1.modules if p.endswith((".attn1.to_q", ".attn1.to_k", ".attn1.to_v"))][:12]
+    mods = {p: lora(p, seed=i) for i, p in enumerate(paths)}
+    down, up, alpha = mods[paths[3]]
+    mods[paths[3]] = (down * 1.25, up * 1.25, alpha)
+    assert check(tmp_path, mods, check_values=True).findings == []
+
+
 def test_V204_fp16_overflow(tmp_path):
     mods = base_modules()
     down, up, alpha = mods[TO_Q]
