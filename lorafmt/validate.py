@@ -44,6 +44,8 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import sys
+import types
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -874,3 +876,18 @@ _ORDER = ["V107", "V102", "V101", "V103", "V104", "V105", "V106", "V109", "V110"
 
 def _rule_order(code: str) -> tuple[int, str]:
     return (_ORDER.index(code), code) if code in _ORDER else (len(_ORDER), code)
+
+
+class _CallableModule(types.ModuleType):
+    """``lorafmt.validate`` is both this module and the :func:`validate` function.
+
+    Importing the submodule (``from lorafmt.validate import Report``) makes Python bind the *module* to the
+    package attribute ``lorafmt.validate``, shadowing the lazily exported function; calling the module calls the
+    function, so ``lorafmt.validate(path, family=...)`` works whatever was imported first.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Report:
+        return validate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -155,3 +155,15 @@ def test_report_schema_is_current():
         SCHEMA.parent.mkdir(exist_ok=True)
         SCHEMA.write_text(current)
     assert SCHEMA.read_text() == current, "schemas/report.schema.json is stale; see this test's docstring"
+
+
+def test_lorafmt_validate_is_callable_whatever_was_imported_first(files):
+    """`from lorafmt.validate import ...` binds the submodule to `lorafmt.validate`; it must still validate."""
+    code = (
+        "import lorafmt\n"
+        "from lorafmt.validate import Report\n"
+        f"r = lorafmt.validate({str(files['sd1'])!r}, family='sd1')\n"
+        "print(type(r).__name__, r.valid)\n"
+    )
+    proc = _run_module("-c", code)
+    assert proc.stdout.strip() == "Report True", proc.stderr
