@@ -9,8 +9,12 @@ an unusable file appears as ``{"file": ..., "error": ..., "exit_code": 2}``).
 
 Example:
     $ lorafmt validate add_detail.safetensors --family sdxl
-    add_detail.safetensors: 1 error - sdxl (base), 264 modules, layout kohya
-      error V107 family-mismatch: this is an SD1.x LoRA, not an SDXL one: 264/264 modules fit sd1, 0/264 fit sdxl
+    add_detail.safetensors: 143 errors - sdxl (base), 264 modules, layout kohya
+      error V107 family-mismatch: this is an SD1.x LoRA, not an SDXL one: 264/264 modules fit sd1, 122/264 fit sdxl
+      error V101 unknown-module unet.down_blocks.0.attentions.0.proj_in: SDXL (base) has no such module; ...
+      ...
+    $ lorafmt validate add_detail.safetensors
+    add_detail.safetensors: valid - sd1 (base), family detected, 264 modules, layout kohya
 """
 
 from __future__ import annotations

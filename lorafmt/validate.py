@@ -36,7 +36,7 @@ Example:
     >>> report.valid, [f.code for f in report.findings]  # doctest: +SKIP
     (False, ['V107'])
     >>> report.findings[0].message  # doctest: +SKIP
-    'this is an SD1.x LoRA, not an SDXL one: 264/264 modules fit sd1, 0/264 fit sdxl'
+    'this is an SD1.x LoRA, not an SDXL one: 264/264 modules fit sd1, 122/264 fit sdxl'
 """
 
 from __future__ import annotations
