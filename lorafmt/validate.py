@@ -518,9 +518,12 @@ def check_alpha(ctx: Context) -> Iterator[Finding]:
 
 
 def _alpha_key(module: Module) -> str | None:
+    """The raw key the module's alpha has (kohya family: ``<module name>.alpha``), else its first tensor's key."""
     key = _first_key(module)
     if key is None:
         return None
+    if key.startswith("lora_") and "." in key:  # kohya names have no dots: everything after the first is the param
+        return key.split(".", 1)[0] + ".alpha"
     for suffix in (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight"):
         if key.endswith(suffix):
             return key[: -len(suffix)] + ".alpha"
