@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lorafmt.errors import OutputExistsError, SourceError
+from lorafmt.errors import LorafmtError, OutputExistsError, OutputWriteError, SourceError
 
 __all__ = ["atomic_output", "atomic_directory"]
 
@@ -38,7 +38,13 @@ def atomic_output(target: Path, *, force: bool = True) -> Iterator[str]:
     target = Path(target)
     _check_target(target, force, want_dir=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        # mkstemp creates 0600; give the output the mode a plain open() would (or the mode of the file it replaces).
+        os.fchmod(fd, _mode_for(target, directory=False))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     try:
         yield tmp
         os.replace(tmp, target)
@@ -54,7 +60,13 @@ def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; swap it into place only if the block succeeds."""
     target = Path(target)
     _check_target(target, force, want_dir=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, _mode_for(target, directory=True))
+    except OSError as exc:
+        msg = f"cannot create the output folder: {exc.strerror or exc}"
+        raise OutputWriteError(msg, file=str(target)) from exc
     try:
         yield tmp
         if target.exists():
@@ -70,9 +82,26 @@ def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, LorafmtError):
+            raise
+        msg = f"writing failed, nothing was written: {exc.strerror or exc}"
+        raise OutputWriteError(msg, file=str(target)) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _mode_for(target: Path, *, directory: bool) -> int:
+    """The permission bits a new output gets: those of the output it replaces, else 0666/0777 minus the umask."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def _fsync_dir(path: Path) -> None:

@@ -104,14 +104,12 @@ def assemble(
         if algo_name is None:
             for param, ref in parts.params.items():
                 unplaced[ref.key] = ref
-            issues.append(
-                issue(
-                    "R001",
-                    f"no algorithm explains parameters {sorted(parts.params)}",
-                    key=next(iter(parts.params.values())).key,
-                    module=parts.path,
-                )
-            )
+            if set(parts.params) <= set(EXTRA_PARAMS):
+                # e.g. an `alpha` whose lora_down/lora_up were deleted or renamed
+                message = f"{' and '.join(sorted(parts.params))} with no weights: module {parts.raw_name!r} has no adapter tensors"
+            else:
+                message = f"no algorithm explains parameters {sorted(parts.params)}"
+            issues.append(issue("R001", message, key=next(iter(parts.params.values())).key, module=parts.path))
             continue
         tensors = {role: parts.params[p] for p, role in roles.items()}
         alpha = alpha_dtype = None
