@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 from lorafmt.errors import (
     AmbiguousLayoutError,
     EmbeddingFileError,
@@ -99,3 +102,20 @@ def pick_layout(source: Source) -> tuple[Match, list[Match]]:
         msg = f"ambiguous layout: candidates {names}"
         raise AmbiguousLayoutError(msg, file=source.name, hint="pass --from LAYOUT to choose")
     return matches[0], matches
+
+
+class _CallableModule(types.ModuleType):
+    """``lorafmt.detect`` is both this module and the public function :func:`lorafmt.api.detect`.
+
+    Importing this module (as :mod:`lorafmt.api` does) binds the package attribute ``lorafmt.detect`` to the
+    module, shadowing the lazily exported function; calling the module forwards to the function, so
+    ``lorafmt.detect(path)`` works whatever was imported first.
+    """
+
+    def __call__(self, *args, **kwargs):
+        from lorafmt.api import detect
+
+        return detect(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
