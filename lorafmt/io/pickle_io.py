@@ -56,7 +56,8 @@ def load_pickle_source(path: str | os.PathLike):
     path = os.fspath(path)
     torch = _torch()
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        with open(path, "rb") as fh:  # a file object: torch.load dispatches on a ".safetensors" path suffix
+            obj = torch.load(fh, weights_only=True, map_location="cpu")
     except LorafmtError:
         raise
     except FileNotFoundError:
