@@ -92,7 +92,7 @@ class LorafmtError(Exception):
             where.append(f"key {_printable(self.key)}")
         if self.module and self.module != self.key:
             where.append(f"module {_printable(self.module)}")
-        message = _printable(self.message, limit=2000)
+        message = _printable(self.message, limit=1000)
         if where:
             return f"{message} ({', '.join(where)})"
         return message

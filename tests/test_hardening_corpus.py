@@ -102,6 +102,8 @@ def test_valid_files_that_once_tripped_a_check(name, tmp_path):
 
 def test_structural_findings_carry_codes():
     codes = {
+        "fuzz_scalar_factor.safetensors": "R003",
+        "fuzz_empty_rank.safetensors": "R003",
         "orphan_up.safetensors": "R002",
         "rank_mismatch.safetensors": "R003",
         "alpha_only.safetensors": "R001",
@@ -114,11 +116,23 @@ def test_structural_findings_carry_codes():
         found = [d for d in lora.issues if d.severity == "error"]
         assert [d.code for d in found] == [code], (name, found)
         assert found[0].module and found[0].key
-        # the module that is fine is still read
-        assert lora.modules, name
+        if code == "R005":  # the first spelling is kept, the second one's keys stay visible
+            assert found[0].module in lora.modules and any(k.startswith(found[0].key) for k in lora.unplaced)
+        else:  # a broken module is never a module that diff/fuse/write would compute with; its keys stay visible
+            assert found[0].key in lora.unplaced and found[0].module not in lora.modules
     alpha = lorafmt.read(BROKEN / "alpha_only.safetensors").issues[0]
     assert alpha.message.startswith("alpha with no weights"), alpha.message
     assert alpha.key.endswith("attn1_to_k.alpha")
+
+
+@pytest.mark.parametrize("name", STRUCTURAL_CASES)
+def test_structural_problems_are_findings_for_inspect_and_diff(name, capsys):
+    path = BROKEN / name
+    info = lorafmt.inspect(path)
+    assert [d["code"] for d in info["issues"] if d["severity"] == "error"]
+    assert lorafmt.diff(path, path).same
+    assert main(["inspect", str(path)]) == 0
+    assert "issue" in capsys.readouterr().out
 
 
 def test_duplicate_spellings_keep_the_first_and_report_the_second():

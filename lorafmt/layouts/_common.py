@@ -139,15 +139,18 @@ def assemble(
         for p in sorted(leftovers):
             unplaced[parts.params[p].key] = parts.params[p]
         problems = get_algorithm(algo_name).check(module)
+        empty = sorted(role for role, ref in tensors.items() if ref.numel == 0)
+        if empty and not problems:
+            problems = [f"empty {'/'.join(empty)} tensor(s): shapes {[list(tensors[r].shape) for r in empty]}"]
         if problems:
             for prob in problems:
                 code = "R002" if prob.startswith("missing") else "R003"
                 issues.append(issue(code, prob, key=next(iter(parts.params.values())).key, module=parts.path))
-            if any(p.startswith("missing") for p in problems):
-                # An orphan half cannot make a weight change: keep its keys visible, not as a module.
-                for ref in parts.params.values():
-                    unplaced[ref.key] = ref
-                continue
+            # An orphan half, mismatched ranks or non-matrix factors cannot make a weight change: keep the keys
+            # visible (unplaced) and the finding (issues), never a module that diff/fuse/write would compute with.
+            for ref in parts.params.values():
+                unplaced[ref.key] = ref
+            continue
         if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
             issues.append(
                 issue("R004", f"alpha {alpha} is not a positive finite number", key=parts.params["alpha"].key, module=parts.path)
