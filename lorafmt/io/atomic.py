@@ -14,6 +14,20 @@ from lorafmt.errors import LorafmtError, OutputExistsError, OutputWriteError, So
 __all__ = ["atomic_output", "atomic_directory"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(target: Path, base: int) -> int:
+    """Keep an existing output's permissions; otherwise what open() would give (mkstemp makes 0600)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        return base & ~_umask()
+
+
 def _check_target(target: Path, force: bool, want_dir: bool) -> None:
     if target.exists() or target.is_symlink():
         if not force:
@@ -38,15 +52,10 @@ def atomic_output(target: Path, *, force: bool = True) -> Iterator[str]:
     target = Path(target)
     _check_target(target, force, want_dir=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        # mkstemp creates 0600; give the output the mode a plain open() would (or the mode of the file it replaces).
-        os.fchmod(fd, _mode_for(target, directory=False))
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(target, 0o666))
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
@@ -62,13 +71,12 @@ def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
     _check_target(target, force, want_dir=True)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, _mode_for(target, directory=True))
     except OSError as exc:
         msg = f"cannot create the output folder: {exc.strerror or exc}"
         raise OutputWriteError(msg, file=str(target)) from exc
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(target, 0o777))
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.rmdir(old)
@@ -91,17 +99,6 @@ def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _mode_for(target: Path, *, directory: bool) -> int:
-    """The permission bits a new output gets: those of the output it replaces, else 0666/0777 minus the umask."""
-    try:
-        return target.stat().st_mode & 0o7777
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
 
 
 def _fsync_dir(path: Path) -> None:
