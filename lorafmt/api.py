@@ -15,6 +15,7 @@ from lorafmt.algorithms import get_algorithm
 from lorafmt.detect import pick_layout
 from lorafmt.dtypes import CLI_DTYPES, FLOAT_DTYPES, from_float32
 from lorafmt.errors import (
+    STRUCTURAL_ERRORS,
     LayoutError,
     LossyConversionError,
     OutputExistsError,
@@ -32,7 +33,7 @@ from lorafmt.schema import ConversionReport, Detection, Diagnostic, LoraFile, Te
 __all__ = ["read", "detect", "write", "convert", "diff", "inspect", "DiffReport", "ModuleDiff"]
 
 
-def detect(src: str | os.PathLike | Any) -> Detection:
+def detect(src: str | os.PathLike | Any, *, allow_pickle: bool | None = None) -> Detection:
     """Detect a file's layout and family from its header alone.
 
     Example:
@@ -40,7 +41,7 @@ def detect(src: str | os.PathLike | Any) -> Detection:
         >>> d.layout, d.family  # doctest: +SKIP
         ('kohya', 'sdxl')
     """
-    source = open_source(src)
+    source = open_source(src, allow_pickle=allow_pickle)
     best, matches = pick_layout(source)
     lora = get_layout(best.layout).read(source)
     return Detection(
@@ -53,16 +54,24 @@ def detect(src: str | os.PathLike | Any) -> Detection:
     )
 
 
-def read(src: str | os.PathLike | Any, *, layout: str | None = None, family: str | None = None, metadata: dict[str, str] | None = None) -> LoraFile:
+def read(
+    src: str | os.PathLike | Any,
+    *,
+    layout: str | None = None,
+    family: str | None = None,
+    metadata: dict[str, str] | None = None,
+    allow_pickle: bool | None = None,
+) -> LoraFile:
     """Read a LoRA (path to a file or PEFT folder, or a ``{key: tensor}`` dict) into canonical form.
 
-    Only headers are read (plus alpha scalars); tensors stay lazy.
+    Only headers are read (plus alpha scalars); tensors stay lazy. Pickle/zip checkpoints (.ckpt/.pt/.bin) are
+    refused unless ``allow_pickle=True``, and then load only through ``torch.load(weights_only=True)``.
 
     Example:
         >>> lora = lorafmt.read("my_lora.safetensors")  # doctest: +SKIP
         >>> lora.family, len(lora.modules)  # doctest: +SKIP
     """
-    source = open_source(src, metadata=metadata)
+    source = open_source(src, metadata=metadata, allow_pickle=allow_pickle)
     if layout is None:
         best, _ = pick_layout(source)
         layout = best.layout
@@ -203,6 +212,7 @@ def convert(
     allow_lossy: bool = False,
     strict: bool = True,
     force: bool = False,
+    allow_pickle: bool | None = None,
 ) -> ConversionReport:
     """Convert a LoRA to another layout. Refuses unplaced keys, structural errors and lossy writes by default.
 
@@ -213,14 +223,15 @@ def convert(
     if not force and (Path(dst).exists() or Path(dst).is_symlink()):
         msg = "output exists; pass --force (force=True) to replace it"
         raise OutputExistsError(msg, file=str(dst))
-    lora = read(src, layout=source_layout, family=family)
+    lora = read(src, layout=source_layout, family=family, allow_pickle=allow_pickle)
     strict = strict and not allow_lossy
     if strict:
         errors = [d for d in lora.issues if d.severity == "error"]
         if errors:
             first = errors[0]
             msg = f"{len(errors)} structural problem(s): {first.message}"
-            raise LayoutError(msg, file=lora.provenance.source, key=first.key, module=first.module)
+            cls = STRUCTURAL_ERRORS.get(first.code, LayoutError)
+            raise cls(msg, file=lora.provenance.source, key=first.key, module=first.module)
         if lora.unplaced:
             keys = sorted(lora.unplaced)
             more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
@@ -306,15 +317,22 @@ def _delta_distance(ma, mb) -> tuple[float, float, float] | None:
     return na, nb, err
 
 
-def diff(a: str | os.PathLike | LoraFile | Any, b: str | os.PathLike | LoraFile | Any, *, family: str | None = None, rtol: float = 2e-3) -> DiffReport:
+def diff(
+    a: str | os.PathLike | LoraFile | Any,
+    b: str | os.PathLike | LoraFile | Any,
+    *,
+    family: str | None = None,
+    rtol: float = 2e-3,
+    allow_pickle: bool | None = None,
+) -> DiffReport:
     """Compare the effective ΔW of two LoRAs module by module (any layouts).
 
     Example:
         >>> lorafmt.diff("kohya.safetensors", "diffusers.safetensors").same  # doctest: +SKIP
         True
     """
-    la = a if isinstance(a, LoraFile) else read(a, family=family)
-    lb = b if isinstance(b, LoraFile) else read(b, family=family)
+    la = a if isinstance(a, LoraFile) else read(a, family=family, allow_pickle=allow_pickle)
+    lb = b if isinstance(b, LoraFile) else read(b, family=family, allow_pickle=allow_pickle)
     out: list[ModuleDiff] = []
     for path in sorted(set(la.modules) | set(lb.modules)):
         ma, mb = la.modules.get(path), lb.modules.get(path)
@@ -341,7 +359,9 @@ def diff(a: str | os.PathLike | LoraFile | Any, b: str | os.PathLike | LoraFile 
 # ------------------------------------------------------------------------------------------- inspect
 
 
-def inspect(src: str | os.PathLike | Any, *, layout: str | None = None, family: str | None = None) -> dict[str, Any]:
+def inspect(
+    src: str | os.PathLike | Any, *, layout: str | None = None, family: str | None = None, allow_pickle: bool | None = None
+) -> dict[str, Any]:
     """A JSON-ready summary of a LoRA: layout, family, algorithms, components, ranks, alphas, dtypes, DoRA, metadata.
 
     Header only (alpha scalars aside); never imports torch.
@@ -350,7 +370,7 @@ def inspect(src: str | os.PathLike | Any, *, layout: str | None = None, family: 
         >>> lorafmt.inspect("my_lora.safetensors")["family"]  # doctest: +SKIP
         'sdxl'
     """
-    lora = read(src, layout=layout, family=family)
+    lora = read(src, layout=layout, family=family, allow_pickle=allow_pickle)
     ranks: Counter[int] = Counter()
     alphas: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()
