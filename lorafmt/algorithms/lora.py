@@ -55,10 +55,10 @@ class LoRA(Algorithm):
 
     def factors(self, module: Module) -> tuple[np.ndarray, np.ndarray] | None:
         """ΔW as a product U @ D (U: (out, r) with the scale folded in, D: (r, in·kh·kw)), or None for Tucker."""
-        if "mid" in module.tensors:
-            return None
         import numpy as np
 
+        if "mid" in module.tensors:
+            return None
         up = _as_matrix(module.tensors["up"].float32()).astype(np.float64) * module.scale
         down = _as_matrix(module.tensors["down"].float32()).astype(np.float64)
         return up, down

@@ -112,6 +112,9 @@ class Header:
         return to_float32(self.read_raw(key), info.dtype)
 
 
+_PICKLE_HINT = "pass --allow-pickle (allow_pickle=True) to load its tensors with torch.load(weights_only=True)"
+
+
 # struct formats of the dtypes a one-element tensor (an alpha) is decoded from without numpy.
 _SCALAR_STRUCT = {"F16": "<e", "F32": "<f", "F64": "<d", "I8": "<b", "U8": "<B", "I16": "<h", "U16": "<H",
                   "I32": "<i", "U32": "<I", "I64": "<q", "U64": "<Q", "BOOL": "<?"}
@@ -162,9 +165,6 @@ class ScalarReader:
         if fd is None:
             fd = self._fds[ref.file] = os.open(ref.file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         return decode_scalar(os.pread(fd, ref.nbytes, ref.offset), ref.dtype, file=ref.file, key=ref.key)
-
-
-_PICKLE_HINT = "pass --allow-pickle (allow_pickle=True) to load its tensors with torch.load(weights_only=True)"
 
 
 def sniff_container(path: str, head: bytes, size: int) -> None:
