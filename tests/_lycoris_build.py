@@ -157,3 +157,27 @@ def lycoris_effective(org, mod) -> tuple[torch.Tensor, torch.Tensor | None]:
         return cols.T.reshape(org.out_channels, cin, k[0], k[1]).contiguous(), b_new
     # norms: weight/bias applied after normalisation; recover via forward on a known input
     return None, None
+
+
+def tree(layers: dict[str, nn.Module]) -> nn.Module:
+    """A model whose named_modules() contain each dotted path -> layer (like a U-Net's)."""
+    root = nn.Module()
+    for path, layer in layers.items():
+        node = root
+        parts = path.split(".")
+        for part in parts[:-1]:
+            if not hasattr(node, part):
+                node.add_module(part, nn.Module())
+            node = getattr(node, part)
+        node.add_module(parts[-1], layer)
+    return root
+
+
+def fresh_layer(case: str, b: Built) -> nn.Module:
+    """A new layer of `case`'s kind holding `b`'s original (pre-training) weight and bias."""
+    layer = CASES[case][1][1]()
+    with torch.no_grad():
+        layer.weight.copy_(b.weight)
+        if b.bias is not None:
+            layer.bias.copy_(b.bias)
+    return layer

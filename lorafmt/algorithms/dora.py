@@ -32,7 +32,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["apply_dora", "weight_norm", "canonical_magnitude_shape", "peft_magnitude_shape", "initial_magnitude"]
+__all__ = [
+    "apply_dora",
+    "weight_norm",
+    "canonical_magnitude_shape",
+    "peft_magnitude_shape",
+    "initial_magnitude",
+    "adopt_peft_magnitude",
+]
 
 _EPS = np.finfo(np.float32).eps  # LyCORIS/ComfyUI add float eps to the norm; PEFT does not (difference ~1e-7)
 
@@ -85,3 +92,15 @@ def canonical_magnitude_shape(n: int, axis: str, weight_ndim: int) -> tuple[int,
 def peft_magnitude_shape(n: int, weight_ndim: int) -> tuple[int, ...]:
     """PEFT ``lora_magnitude_vector`` shape: (out,) for Linear, (1, out, 1, 1) for Conv2d."""
     return (n,) if weight_ndim <= 2 else (1, n, *(1,) * (weight_ndim - 2))
+
+
+def adopt_peft_magnitude(module) -> None:
+    """For layouts holding PEFT magnitudes (``lora_magnitude_vector``): mark the module's DoRA axis as the output
+    axis and give the magnitude its canonical shape (same bytes). No-op without a magnitude."""
+    if module.dora_scale is None:
+        return
+    module.dora_axis = "out"
+    up = module.tensors.get("up")
+    ndim = len(up.shape) if up is not None else 2
+    mag = module.dora_scale
+    module.dora_scale = mag.reshape(canonical_magnitude_shape(mag.numel, "out", ndim))

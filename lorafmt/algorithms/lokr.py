@@ -112,3 +112,28 @@ class LoKr(Algorithm):
 
 
 ALGORITHM = LoKr()
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS/PEFT ``factorization``: split `dimension` into (m, n), m ≤ n, m as close to `factor` as allowed
+    (``factor=-1``: the most balanced split). LoKr's w1 takes m, w2 takes n.
+
+    >>> factorization(128), factorization(128, 4), factorization(250, 8)
+    ((8, 16), (4, 32), (5, 50))
+    """
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (n, m) if m > n else (m, n)
+    if factor < 0:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
