@@ -5,7 +5,7 @@ Example:
     >>> import numpy as np
     >>> from lorafmt.schema import Module, TensorRef
     >>> m = Module(path="unet.x", algorithm="full", tensors={"diff": TensorRef.from_array("d", np.ones((2, 3)))})
-    >>> ALGORITHM.delta(m).sum(), ALGORITHM.weight_shape(m)
+    >>> float(ALGORITHM.delta(m).sum()), ALGORITHM.weight_shape(m)
     (6.0, (2, 3))
 """
 

@@ -11,7 +11,7 @@ Example:
     >>> t = {r: TensorRef.from_array(r, np.ones(s)) for r, s in
     ...      {"w1_a": (3, 2), "w1_b": (2, 4), "w2_a": (3, 2), "w2_b": (2, 4)}.items()}
     >>> m = Module(path="unet.x", algorithm="loha", tensors=t, alpha=1.0)
-    >>> ALGORITHM.delta(m)[0, 0], ALGORITHM.weight_shape(m)   # (2 * 2) * 1/2
+    >>> float(ALGORITHM.delta(m)[0, 0]), ALGORITHM.weight_shape(m)   # (2 * 2) * 1/2
     (2.0, (3, 4))
 """
 
