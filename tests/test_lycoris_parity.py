@@ -116,3 +116,32 @@ def test_multiplier_blends_like_a1111(one_file):
     full = algo.apply(m, base)
     half = algo.apply(m, base, multiplier=0.5)
     assert np.allclose(half, base + 0.5 * (full - base), atol=1e-6)
+
+
+def test_kohya_oft_prefix(tmp_path):
+    """sd-scripts ``networks.oft`` writes ``oft_unet_<name>.oft_blocks`` + ``alpha`` (constraint = alpha · out_dim,
+    the same rule as LyCORIS diag-OFT); read as an ``oft`` module on the U-Net."""
+    from safetensors.torch import save_file
+
+    b = build("oft_constrained")
+    sd = {k.replace("lora_unet_", "oft_unet_"): v for k, v in b.mod.state_dict(prefix=f"{b.name}.").items() if "rescale" not in k}
+    b.mod.rescale.data.fill_(1.0)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "oft.safetensors"))
+    lora = lorafmt.read(tmp_path / "oft.safetensors")
+    m = lora.modules[b.path]
+    assert m.algorithm == "oft" and m.alpha == pytest.approx(1e-3)
+    ref_w, _ = lycoris_effective(b.org, b.mod)
+    assert _rel(get_algorithm("oft").apply(m, b.weight.numpy()), ref_w.numpy(), b.weight.numpy()) < 1e-4
+
+
+def test_lycoris_get_diff_weight_double_scales_loha_lokr():
+    """Documents a lycoris-lora 4.1.3 quirk: LoHa/LoKr ``get_diff_weight``/``get_merged_weight`` apply alpha/rank
+    twice, while their forward pass (and A1111/ComfyUI reading the saved file) apply it once. lorafmt follows the
+    forward pass; a reference ΔW taken from ``get_diff_weight`` is off by the factor alpha/rank."""
+    for case in ("loha_linear", "lokr_w2ab"):
+        b = build(case)
+        ref_w, _ = lycoris_effective(b.org, b.mod)
+        forward_delta = ref_w - b.weight
+        diff = b.mod.get_diff_weight(1.0)[0].reshape(forward_delta.shape)
+        assert b.mod.scale != 1
+        assert torch.allclose(diff, forward_delta * b.mod.scale, rtol=1e-4, atol=1e-6)
