@@ -52,7 +52,7 @@ class LoKr(Algorithm):
         return None
 
     @staticmethod
-    def factors(module: Module) -> tuple[np.ndarray, np.ndarray]:
+    def kron_factors(module: Module) -> tuple[np.ndarray, np.ndarray]:
         """(w1, w2) rebuilt from their factors, float32, scale not applied."""
         t = module.tensors
         w1 = t["w1"].float32() if "w1" in t else t["w1_a"].float32() @ t["w1_b"].float32()
@@ -66,7 +66,7 @@ class LoKr(Algorithm):
         return w1, w2
 
     def delta(self, module: Module, base_shape: tuple[int, ...] | None = None) -> np.ndarray:
-        w1, w2 = self.factors(module)
+        w1, w2 = self.kron_factors(module)
         w1 = w1.reshape(*w1.shape, *(1,) * (w2.ndim - w1.ndim))
         dw = np.kron(w1, w2) * np.float32(module.scale)
         if base_shape is not None and tuple(dw.shape) != tuple(base_shape):
