@@ -121,16 +121,6 @@ def test_header_only_validation_reads_no_tensor_data(files, monkeypatch):
         return original(self)
 
     monkeypatch.setattr(TensorRef, "raw", spy)
-    # Alphas are read through one shared descriptor per file (ScalarReader), not TensorRef.raw.
-    from lorafmt.io.safetensors_io import ScalarReader
-
-    original_scalar = ScalarReader.read
-
-    def spy_scalar(self, ref):
-        read.append(ref.key)
-        return original_scalar(self, ref)
-
-    monkeypatch.setattr(ScalarReader, "read", spy_scalar)
     path = write_kohya(
         files["tmp"] / "with_alpha.safetensors",
         {

@@ -22,7 +22,10 @@ Example:
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy is imported where it is used: reading and renaming never load it
+    import numpy as np
 
 from lorafmt.algorithms import get_algorithm
 from lorafmt.errors import UnsupportedFeatureError
@@ -33,6 +36,8 @@ __all__ = ["approximate_as_lora", "low_rank"]
 
 def low_rank(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
     """(up (out, r), down (r, rest), relative Frobenius error) of the best rank-`rank` approximation of a matrix."""
+    import numpy as np
+
     mat = np.asarray(delta, dtype=np.float64).reshape(delta.shape[0], -1)
     u, s, vt = np.linalg.svd(mat, full_matrices=False)
     r = max(1, min(int(rank), s.size))
@@ -49,6 +54,8 @@ def approximate_as_lora(module: Module, rank: int, *, dtype: str | None = None) 
 
     `dtype` is the storage dtype of the new factors (default: the first tensor's float dtype, else F32).
     """
+    import numpy as np
+
     algo = get_algorithm(module.algorithm)
     if algo.needs_base:
         msg = f"a {module.algorithm} module cannot be approximated as LoRA without the base weight"
