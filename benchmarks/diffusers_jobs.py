@@ -109,7 +109,8 @@ def flux_kohya_to_diffusers(src: str, out_dir: str) -> None:
     state_dict = FluxPipeline.lora_state_dict(src)
     if isinstance(state_dict, tuple):
         state_dict = state_dict[0]
-    transformer = {k[len("transformer."):]: v for k, v in state_dict.items() if k.startswith("transformer.")}
+    # The split q/k/v (and proj_mlp) share one lora_A tensor; safetensors refuses shared storage, so clone.
+    transformer = {k[len("transformer."):]: v.clone() for k, v in state_dict.items() if k.startswith("transformer.")}
     FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=transformer)
 
 

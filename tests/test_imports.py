@@ -121,3 +121,32 @@ def test_detect_and_read_do_not_import_torch(kohya_file: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_every_numpy_use_has_an_import_in_scope() -> None:
+    """Modules import numpy lazily (inside the functions that compute); a use without an import in scope is a
+    NameError waiting for the first caller. Static check over the package source."""
+    import ast
+
+    missing = []
+    for path in sorted((REPO / "lorafmt").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if any(isinstance(n, ast.Import) and any(a.asname == "np" for a in n.names) for n in tree.body):
+            continue  # a module-level import covers the whole module
+
+        def imports_np(fn) -> bool:
+            return any(isinstance(s, ast.Import) and any(a.asname == "np" for a in s.names) for s in fn.body)
+
+        def visit(node, covered: bool) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    inner = covered or imports_np(child)
+                    uses = [s for stmt in child.body for s in ast.walk(stmt) if isinstance(s, ast.Name) and s.id == "np"]
+                    if uses and not inner:
+                        missing.append(f"{path.relative_to(REPO)}:{uses[0].lineno} ({child.name})")
+                    visit(child, inner)
+                elif isinstance(child, ast.ClassDef):
+                    visit(child, covered)
+
+        visit(tree, False)
+    assert not missing, "np used without `import numpy as np` in scope: " + ", ".join(missing)
