@@ -75,3 +75,30 @@ def is_bfl_path(path: str) -> bool:
 def from_diffusers_text(component: str, rel: str) -> str:
     """Text-encoder paths are already transformers names; kept as a hook for spelling repairs."""
     return rel
+
+
+# XLabs x-flux attention-processor LoRAs (formats.md §3.12): ``qkv_lora1``/``proj_lora1`` image stream,
+# ``qkv_lora2``/``proj_lora2`` text stream; single blocks ``qkv_lora`` (q/k/v rows of linear1, no MLP) and
+# ``proj_lora`` (linear2).
+XLABS_NAMES = NameMap(
+    {
+        "double_blocks": (
+            "transformer_blocks",
+            [
+                ("processor.qkv_lora1", ("attn.to_q", "attn.to_k", "attn.to_v"), "fused", (1, 1, 1)),
+                ("processor.proj_lora1", ("attn.to_out.0",)),
+                ("processor.qkv_lora2", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "fused", (1, 1, 1)),
+                ("processor.proj_lora2", ("attn.to_add_out",)),
+            ],
+        ),
+        "single_blocks": (
+            "single_transformer_blocks",
+            [
+                ("processor.qkv_lora", ("attn.to_q", "attn.to_k", "attn.to_v"), "fused", (1, 1, 1)),
+                ("processor.proj_lora", ("proj_out",)),
+            ],
+        ),
+    },
+    [],
+)
+__all__ += ["XLABS_NAMES"]

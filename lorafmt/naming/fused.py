@@ -50,6 +50,7 @@ __all__ = [
     "is_block_diagonal",
     "SPLITTABLE",
     "FusedError",
+    "scaled",
 ]
 
 # Algorithms whose ΔW rows can be sliced/stacked exactly, with the roles that carry output rows.
@@ -278,7 +279,8 @@ def _is_pow2(x: float) -> bool:
     return m == 0.5
 
 
-def _scaled(ref: TensorRef, factor: float, dtype: str, key: str) -> TensorRef:
+def scaled(ref: TensorRef, factor: float, dtype: str, key: str) -> TensorRef:
+    """`ref` times `factor`, encoded as `dtype` (exact for powers of two, or when `dtype` is F32)."""
     if factor == 1.0 and ref.dtype == dtype:
         return ref
     values = ref.float32().astype(np.float64) * factor
@@ -363,7 +365,7 @@ def join_modules(path: str, parts: Sequence[Module | None], sizes: Sequence[int]
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         col = 0
         for (i, m), ratio in zip(present, ratios):
-            block = _scaled(m.tensors["up"], ratio, up_dtype, f"{m.path}.up").raw()
+            block = scaled(m.tensors["up"], ratio, up_dtype, f"{m.path}.up").raw()
             r = m.tensors["down"].shape[0]
             up[starts[i] : starts[i] + sizes[i], col : col + r] = block.reshape(sizes[i], r, *extra_shape)
             col += r
@@ -394,7 +396,7 @@ def join_modules(path: str, parts: Sequence[Module | None], sizes: Sequence[int]
             if m is None or "bias" not in m.tensors:
                 chunks.append(TensorRef.from_raw(f"{path}.bias[zeros]", bias_dtype, np.zeros((size,), dtype=numpy_dtype(bias_dtype))))
             else:
-                chunks.append(_scaled(m.tensors["bias"], ratio_of[i], bias_dtype, f"{m.path}.bias"))
+                chunks.append(scaled(m.tensors["bias"], ratio_of[i], bias_dtype, f"{m.path}.bias"))
         tensors["bias"] = concat_rows(chunks, f"{path}.bias")
     dora = None
     if all(doras) and doras:
@@ -427,7 +429,7 @@ def _join_full(path: str, parts: Sequence[Module | None], sizes: Sequence[int]) 
                 chunks.append(TensorRef.from_raw(f"{path}.{role}[zeros]", dtype, np.zeros((size, *tail), dtype=numpy_dtype(dtype))))
             else:
                 ref = m.tensors[role]
-                chunks.append(ref if m.scale == 1.0 else _scaled(ref, m.scale, "F32", f"{m.path}.{role}"))
+                chunks.append(ref if m.scale == 1.0 else scaled(ref, m.scale, "F32", f"{m.path}.{role}"))
         tensors[role] = concat_rows(chunks, f"{path}.{role}")
     return Module.model_construct(
         path=path, algorithm="full", tensors=tensors, alpha=None, alpha_dtype=None, dora_scale=None, dora_axis=None, extras=dict(first.extras)
