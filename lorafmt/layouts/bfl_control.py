@@ -78,7 +78,8 @@ class BflControlLayout(Layout):
             elif (n := _NORM_RE.match(key)) and is_bfl_path(n.group(1)):
                 claimed += 1
                 norms += 1
-        if not claimed or not (norms or bias):
+        if not claimed or (not (norms or bias) and any(k.startswith("diffusion_model.") for k in source.tensors)):
+        # (``diffusion_model.`` + plain LoRA is the comfyui layout; bare names or bias/norm tensors are ours.)
             return None
         total = len(source.tensors)
         return Match(
@@ -105,7 +106,7 @@ class BflControlLayout(Layout):
                 continue
             norms[f"transformer.{target.canonical[0]}"] = ref
         lora = assemble(groups, source, layout=self.name, unplaced=unplaced, issues=issues, evidence=[])
-        canonicalize(lora, "flux1", raw_module=_raw_module)
+        canonicalize(lora, "flux1", detect_block_diagonal=True, raw_module=_raw_module)
         for path, ref in norms.items():
             if "full" not in BUILTIN_ALGORITHMS:
                 lora.unplaced[ref.key] = ref

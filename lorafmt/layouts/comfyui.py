@@ -110,7 +110,7 @@ class ComfyUILayout(Layout):
                 path = f"{component}.{canonical_text_path(rel)}"
             groups.setdefault(path, ModuleParts(path, f"{root}.{rel}")).add(_PARAM[param], ref)
         lora = assemble(groups, source, layout=self.name, unplaced=unplaced, issues=issues, evidence=[])
-        canonicalize(lora, tfamily, raw_module=_raw_module)
+        canonicalize(lora, tfamily, detect_block_diagonal=True, raw_module=_raw_module)
         fam, fam_evidence = (family, ["given"]) if family else detect_family(lora)
         lora.family = fam or tfamily
         lora.provenance.evidence = fam_evidence if fam else [*fam_evidence, f"{tfamily} native names"]

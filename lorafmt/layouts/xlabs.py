@@ -77,7 +77,7 @@ class XLabsLayout(Layout):
             path = f"transformer.{native}"
             groups.setdefault(path, ModuleParts(path, f"{prefix or ''}{native}")).add(_PARAM[param], ref)
         lora = assemble(groups, source, layout=self.name, unplaced=unplaced, issues=[], evidence=[])
-        modules, failed = native_to_canonical(lora.modules, XLABS_NAMES)
+        modules, failed = native_to_canonical(lora.modules, XLABS_NAMES, detect_block_diagonal=True)
         lora.modules = dict(sorted(modules.items()))
         keep_failed(failed, lora.unplaced, lora.issues, _raw_module)
         fam, fam_evidence = (family, ["given"]) if family else detect_family(lora)

@@ -182,9 +182,9 @@ def split_module(
         msg = f"{module.path}: {lead.shape[0]} output rows do not split into {list(sizes)}"
         raise FusedError(msg)
     if module.algorithm == "lora" and detect_block_diagonal and len(paths) > 1:
-        rank = module.tensors["down"].shape[0]
-        if rank % len(paths) == 0 and rank > len(paths) - 1 and is_block_diagonal(module.tensors["up"], sizes):
-            return _split_block_diagonal(module, paths, sizes)
+        compact = _split_by_support(module, paths, sizes)
+        if compact is not None:
+            return compact
     out = []
     start = 0
     for path, size in zip(paths, sizes):
@@ -209,35 +209,66 @@ def split_module(
     return out
 
 
-def _split_block_diagonal(module: Module, paths: Sequence[str], sizes: Sequence[int]) -> list[Module]:
-    n = len(paths)
-    down, up = module.tensors["down"], module.tensors["up"]
-    r = down.shape[0] // n
+def _support(up: TensorRef, sizes: Sequence[int]) -> list[np.ndarray]:
+    """Per part (row range), the boolean mask of rank columns its rows of ``up`` use."""
+    mat = up.float32().reshape(up.shape[0], -1)
+    masks = []
+    start = 0
+    for size in sizes:
+        masks.append(np.any(mat[start : start + size] != 0, axis=0))
+        start += size
+    return masks
+
+
+def _split_by_support(module: Module, paths: Sequence[str], sizes: Sequence[int]) -> list[Module] | None:
+    """Compact split when the parts use disjoint rank columns of ``up`` (block-diagonal: kohya ``split_qkv``, or a
+    join of parts with different ``down`` s). Part *i* keeps only its columns C_i of ``up`` and rows C_i of ``down``;
+    its alpha becomes ``scale · |C_i|`` so alpha/rank, hence ΔW, is unchanged (for ``split_qkv``: ``alpha / n``).
+    Parts whose rows are all zero are left out (ΔW 0). None when the supports overlap (or every part is zero)."""
+    up, down = module.tensors["up"], module.tensors["down"]
+    masks = _support(up, sizes)
+    total = np.zeros_like(masks[0], dtype=np.int64)
+    for m in masks:
+        total += m
+    if np.any(total > 1) or not np.any(total):
+        return None
+    if all(m.all() for m in masks if m.any()) and sum(1 for m in masks if m.any()) == len(masks):
+        return None
+    scale = module.scale
     up_raw = up.raw().reshape(up.shape[0], -1)
     out = []
     start = 0
-    for i, (path, size) in enumerate(zip(paths, sizes)):
-        block = np.ascontiguousarray(up_raw[start : start + size, i * r : (i + 1) * r]).reshape(size, r, *up.shape[2:])
+    for path, size, mask in zip(paths, sizes, masks):
+        rows = slice(start, start + size)
+        start += size
+        cols = np.flatnonzero(mask)
+        if cols.size == 0:
+            continue
+        r = int(cols.size)
+        contiguous = cols[-1] - cols[0] + 1 == r
         tensors = dict(module.tensors)
-        tensors["down"] = row_slice(down, i * r, (i + 1) * r)
-        tensors["up"] = TensorRef.from_raw(f"{up.key}[{start}:{start + size},{i * r}:{(i + 1) * r}]", up.dtype, block)
+        if contiguous:
+            tensors["down"] = row_slice(down, int(cols[0]), int(cols[-1]) + 1)
+        else:
+            tensors["down"] = TensorRef.from_raw(f"{down.key}[cols]", down.dtype, np.ascontiguousarray(down.raw()[cols]))
+        block = np.ascontiguousarray(up_raw[rows][:, cols]).reshape(size, r, *up.shape[2:])
+        tensors["up"] = TensorRef.from_raw(f"{up.key}[{rows.start}:{rows.stop}]", up.dtype, block)
         if "bias" in tensors:
-            tensors["bias"] = row_slice(tensors["bias"], start, start + size)
-        dora = row_slice(module.dora_scale, start, start + size) if module.dora_scale is not None else None
+            tensors["bias"] = row_slice(tensors["bias"], rows.start, rows.stop)
+        dora = row_slice(module.dora_scale, rows.start, rows.stop) if module.dora_scale is not None else None
+        alpha = None if module.alpha is None else scale * r
         out.append(
             Module.model_construct(
                 path=path,
                 algorithm="lora",
                 tensors=tensors,
-                # kohya split_qkv keeps alpha for rank n·r; rank r per part needs alpha/n for the same scale.
-                alpha=None if module.alpha is None else module.alpha / n,
-                alpha_dtype=module.alpha_dtype if module.alpha is None else _alpha_dtype(module.alpha / n, module.alpha_dtype),
+                alpha=alpha,
+                alpha_dtype=module.alpha_dtype if alpha is None else _alpha_dtype(alpha, module.alpha_dtype),
                 dora_scale=dora,
                 dora_axis=module.dora_axis,
                 extras=dict(module.extras),
             )
         )
-        start += size
     return out
 
 
