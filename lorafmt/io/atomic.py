@@ -14,6 +14,20 @@ from lorafmt.errors import OutputExistsError, SourceError
 __all__ = ["atomic_output", "atomic_directory"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(target: Path, base: int) -> int:
+    """Keep an existing output's permissions; otherwise what open() would give (mkstemp makes 0600)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        return base & ~_umask()
+
+
 def _check_target(target: Path, force: bool, want_dir: bool) -> None:
     if target.exists() or target.is_symlink():
         if not force:
@@ -41,6 +55,7 @@ def atomic_output(target: Path, *, force: bool = True) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(target, 0o666))
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
@@ -57,6 +72,7 @@ def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(target, 0o777))
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.rmdir(old)

@@ -67,8 +67,17 @@ def module_params(params: Iterable[str]) -> tuple[str | None, dict[str, str]]:
     return algo.name, {p: inverse[p] for p in params if p in inverse}
 
 
-def alpha_tensor(value: float, dtype: str | None) -> TensorRef:
-    dtype = dtype or "F32"
+def alpha_tensor(value: float, dtype: str | None, like: str | None = None) -> TensorRef:
+    """An alpha scalar in `dtype`; without one, in the weights' dtype `like` when that holds it exactly
+    (sd-scripts saves alpha in the save dtype), else float32."""
+    if dtype is None:
+        dtype = "F32"
+        if like in ("F16", "BF16"):
+            from lorafmt.dtypes import from_float32, to_float32
+
+            encoded = from_float32(np.asarray([value], dtype=np.float32), like)
+            if float(to_float32(encoded, like)[0]) == float(np.float32(value)):
+                dtype = like
     return TensorRef.from_array("alpha", np.asarray(value, dtype=np.float32), dtype)
 
 
