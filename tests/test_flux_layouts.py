@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import lorafmt
+from lorafmt import api
 from lorafmt.errors import LossyConversionError
 from test_flux_util import compare, load_manifest, materialize, sample, save_arrays
 
@@ -69,7 +70,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_detects_layout_and_family(files, name):
     layout, family, _, _ = CASES[name]
-    det = lorafmt.detect(files[name])
+    det = api.detect(files[name])
     assert (det.layout, det.family) == (layout, family), det
     lora = lorafmt.read(files[name])
     if name.startswith("bfl_control") and not FULL:
@@ -84,7 +85,7 @@ def test_detects_cctv_dot_down_keys_only(tmp_path):
     """The manifest has no shapes: detection only (shapes invented at the real width)."""
     man = load_manifest("diffusers_flux_cctv-mania-lora-dot-down")
     arrays = {k: np.zeros((4, 3072) if ".down." in k else (3072, 4), np.float32) for k in man["tensors"]}
-    det = lorafmt.detect(save_arrays(arrays, tmp_path / "cctv.safetensors"))
+    det = api.detect(save_arrays(arrays, tmp_path / "cctv.safetensors"))
     assert (det.layout, det.family) == ("diffusers-legacy", "flux1")
     lora = lorafmt.read(tmp_path / "cctv.safetensors")
     assert len(lora.modules) == len(man["tensors"]) // 2 and set(lora.components) == {"transformer"}
@@ -109,7 +110,7 @@ def test_converts_to_every_expressible_layout_and_back(files, name, tmp_path):
             continue
         report = lorafmt.convert(files[name], dst, to=layout, force=True)
         assert report.modules == len(src.modules)
-        det = lorafmt.detect(dst)
+        det = api.detect(dst)
         assert det.layout == layout, (layout, det)
         assert det.family == family, (layout, det)
         out = lorafmt.read(dst)
