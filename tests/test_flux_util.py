@@ -111,7 +111,7 @@ def _save(arrays: dict, dtypes: dict, out: Path, metadata: dict) -> None:
 
 def save_arrays(arrays: dict[str, np.ndarray], out: Path, dtype: str = "F16", metadata: dict | None = None) -> Path:
     """Write float arrays (encoded to `dtype`) as safetensors."""
-    enc = {k: np.ascontiguousarray(from_float32(np.asarray(v, dtype=np.float32), dtype)) for k, v in arrays.items()}
+    enc = {k: np.ascontiguousarray(from_float32(np.asarray(v, dtype=np.float32), dtype)).reshape(np.shape(v)) for k, v in arrays.items()}
     _save(enc, dict.fromkeys(enc, dtype), out, metadata or {})
     return out
 

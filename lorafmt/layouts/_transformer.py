@@ -11,7 +11,7 @@ from collections.abc import Callable
 from lorafmt.errors import LossyConversionError, UnsupportedFeatureError
 from lorafmt.layouts._common import alpha_tensor, issue
 from lorafmt.layouts._base import PlannedFile
-from lorafmt.naming.fused import FusedError, scaled, canonical_to_native, keep_failed, names_for, native_to_canonical
+from lorafmt.naming.fused import FusedError, alpha_dtype_for, scaled, canonical_to_native, keep_failed, names_for, native_to_canonical
 from lorafmt.schema import Diagnostic, LoraFile, Module
 
 __all__ = ["canonicalize", "plan_native", "emit", "fold_scale", "bfl_or_sai"]
@@ -78,7 +78,8 @@ def emit(out: PlannedFile, name: str, module: Module, params: dict[str, str], *,
         key = f"{name}.{params[role]}"
         out.tensors[key] = ref.renamed(key)
     if alpha and module.alpha is not None:
-        out.tensors[f"{name}.alpha"] = alpha_tensor(module.alpha, module.alpha_dtype).renamed(f"{name}.alpha")
+        dtype = alpha_dtype_for(module.alpha, module.alpha_dtype)
+        out.tensors[f"{name}.alpha"] = alpha_tensor(module.alpha, dtype).renamed(f"{name}.alpha")
     if module.dora_scale is not None:
         if dora is None:
             msg = f"{module.path}: this layout cannot hold a DoRA magnitude"

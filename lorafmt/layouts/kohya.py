@@ -33,7 +33,7 @@ from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, Writ
 from lorafmt.layouts._common import KNOWN_PARAMS, ModuleParts, alpha_tensor, assemble, issue
 from lorafmt.algorithms import get_algorithm
 from lorafmt.naming.clip import canonical_text_path
-from lorafmt.naming.fused import canonical_to_native, keep_failed, names_for, native_to_canonical
+from lorafmt.naming.fused import alpha_dtype_for, canonical_to_native, keep_failed, names_for, native_to_canonical
 from lorafmt.naming.kohya_names import flatten, unflatten
 from lorafmt.naming.shapes import is_linear_projection
 from lorafmt.naming.sd_unet import UNET_LAYOUTS, diffusers_to_sgm, is_sgm_path, sgm_to_diffusers
@@ -281,7 +281,8 @@ class KohyaLayout(Layout):
             param = algo.param_names[role]
             out.tensors[f"{name}.{param}"] = ref.renamed(f"{name}.{param}")
         if module.alpha is not None:
-            out.tensors[f"{name}.alpha"] = alpha_tensor(module.alpha, module.alpha_dtype).renamed(f"{name}.alpha")
+            dtype = alpha_dtype_for(module.alpha, module.alpha_dtype)
+            out.tensors[f"{name}.alpha"] = alpha_tensor(module.alpha, dtype).renamed(f"{name}.alpha")
         if module.dora_scale is not None:
             out.tensors[f"{name}.dora_scale"] = module.dora_scale.renamed(f"{name}.dora_scale")
         for extra, ref in module.extras.items():

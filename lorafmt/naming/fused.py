@@ -51,6 +51,7 @@ __all__ = [
     "SPLITTABLE",
     "FusedError",
     "scaled",
+    "alpha_dtype_for",
 ]
 
 # Algorithms whose ΔW rows can be sliced/stacked exactly, with the roles that carry output rows.
@@ -263,7 +264,7 @@ def _split_by_support(module: Module, paths: Sequence[str], sizes: Sequence[int]
                 algorithm="lora",
                 tensors=tensors,
                 alpha=alpha,
-                alpha_dtype=module.alpha_dtype if alpha is None else _alpha_dtype(alpha, module.alpha_dtype),
+                alpha_dtype=module.alpha_dtype,  # kept; writers widen it when the value needs it
                 dora_scale=dora,
                 dora_axis=module.dora_axis,
                 extras=dict(module.extras),
@@ -272,11 +273,11 @@ def _split_by_support(module: Module, paths: Sequence[str], sizes: Sequence[int]
     return out
 
 
-def _alpha_dtype(value: float, dtype: str | None) -> str | None:
-    """Keep the alpha's dtype when `value` is representable in it, else F32."""
-    if dtype is None or dtype == "F32" or dtype not in ("F16", "BF16"):
+def alpha_dtype_for(value: float, dtype: str | None) -> str | None:
+    """`dtype` when the alpha `value` is exactly representable in it, else F32 (so a written alpha never rounds)."""
+    if dtype not in ("F16", "BF16"):
         return dtype
-    back = float(to_float32(from_float32(np.asarray(value, dtype=np.float32), dtype), dtype))
+    back = float(to_float32(from_float32(np.asarray([value], dtype=np.float32), dtype), dtype).reshape(-1)[0])
     return dtype if back == value else "F32"
 
 
@@ -403,7 +404,7 @@ def join_modules(path: str, parts: Sequence[Module | None], sizes: Sequence[int]
         tensors["down"] = concat_rows([m.tensors["down"] for _, m in present], f"{path}.down")
         tensors["up"] = TensorRef.from_raw(f"{path}.up", up_dtype, up)
         alpha = ref_scale * rank
-        alpha_dtype = _alpha_dtype(alpha, first.alpha_dtype) if first.alpha_dtype else None
+        alpha_dtype = first.alpha_dtype
         if all(m.alpha is None for _, m in present) and ref_scale == 1.0:
             alpha, alpha_dtype = None, None
         notes.append(
