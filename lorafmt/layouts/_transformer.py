@@ -17,20 +17,25 @@ from lorafmt.schema import Diagnostic, LoraFile, Module
 __all__ = ["canonicalize", "plan_native", "emit", "fold_scale", "bfl_or_sai"]
 
 
-def bfl_or_sai(paths) -> str | None:
-    """``flux1`` when native paths use BFL names, ``sd3`` for SAI MMDiT names, else None."""
-    from lorafmt.naming.flux import is_bfl_path
-    from lorafmt.naming.sd3 import is_sai_path
+_FLUX_ONLY = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.")
+_SD3_ONLY = ("joint_blocks.", "x_embedder.", "t_embedder.", "y_embedder.", "context_embedder")
 
+
+def bfl_or_sai(paths) -> str | None:
+    """``flux1`` when native paths use BFL names, ``sd3`` for SAI MMDiT names, else None (``final_layer.`` is
+    shared by both and decides nothing unless alone: then Flux, by far the common case)."""
     fams = set()
+    shared = False
     for p in paths:
-        if is_bfl_path(p):
+        if p.startswith(_FLUX_ONLY):
             fams.add("flux1")
-        elif p.startswith("joint_blocks.") or (is_sai_path(p) and not p.startswith("final_layer.")):
+        elif p.startswith(_SD3_ONLY):
             fams.add("sd3")
+        elif p.startswith("final_layer."):
+            shared = True
     if len(fams) == 1:
         return fams.pop()
-    if not fams and any(p.startswith("final_layer.") for p in paths):
+    if not fams and shared:
         return "flux1"
     return None
 

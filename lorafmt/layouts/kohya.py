@@ -51,7 +51,7 @@ _PREFIX_TO_COMPONENT = {
 }
 # Flattened body starts that identify a transformer family's native names behind ``lora_unet_``.
 _TRANSFORMER_BODIES = {
-    "flux1": ("double_blocks_", "single_blocks_", "img_in", "txt_in", "time_in_", "vector_in_", "guidance_in_", "final_layer_"),
+    "flux1": ("double_blocks_", "single_blocks_", "img_in", "txt_in", "time_in_", "vector_in_", "guidance_in_"),
     "sd3": ("joint_blocks_", "x_embedder_", "t_embedder_", "y_embedder_", "context_embedder"),
 }
 # kohya prefix -> diffusers component, per transformer family (T5 is text_encoder_2 in Flux, text_encoder_3 in SD3).
@@ -143,6 +143,9 @@ class KohyaLayout(Layout):
             return family
         if family:
             return None
+        module = source.metadata.get("ss_network_module", "")
+        if module.endswith(("lora_flux", "lora_sd3")):
+            return "flux1" if module.endswith("lora_flux") else "sd3"
         found: set[str] = set()
         has_unet = has_te3 = False
         for key in source.tensors:
@@ -156,6 +159,9 @@ class KohyaLayout(Layout):
                 has_te3 = True
         if len(found) == 1:
             return found.pop()
+        if not found and any(k.startswith("lora_unet_final_layer_") for k in source.tensors):
+            claimed = family_from_metadata(source.metadata)
+            return claimed if claimed in _TRANSFORMER_BODIES else "flux1"
         if not has_unet and has_te3:
             claimed = family_from_metadata(source.metadata)
             return claimed if claimed in _TRANSFORMER_BODIES else "sd3"
