@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lorafmt.errors import OutputExistsError, SourceError
+from lorafmt.errors import LorafmtError, OutputExistsError, OutputWriteError, SourceError
 
 __all__ = ["atomic_output", "atomic_directory"]
 
@@ -69,7 +69,11 @@ def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; swap it into place only if the block succeeds."""
     target = Path(target)
     _check_target(target, force, want_dir=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        msg = f"cannot create the output folder: {exc.strerror or exc}"
+        raise OutputWriteError(msg, file=str(target)) from exc
     try:
         yield tmp
         os.chmod(tmp, _default_mode(target, 0o777))
@@ -86,6 +90,12 @@ def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, LorafmtError):
+            raise
+        msg = f"writing failed, nothing was written: {exc.strerror or exc}"
+        raise OutputWriteError(msg, file=str(target)) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
