@@ -256,7 +256,9 @@ class KohyaLayout(Layout):
             msg = f"cannot write transformer modules as kohya without knowing the family (flux1 or sd3); found {family!r}"
             raise UnsupportedFeatureError(msg, hint="pass --family flux1 or --family sd3")
         names = names_for(family)
-        native, notes, failed = canonical_to_native(lora.modules, names)
+        sets = {p: ([p], "a `set` (replacement) tensor is not expressible in kohya") for p, m in lora.modules.items() if m.mode == "set"}
+        native, notes, failed = canonical_to_native({p: m for p, m in lora.modules.items() if p not in sets}, names)
+        failed = {**sets, **failed}
         if failed:
             if not options.allow_lossy:
                 first = sorted(failed)[0]

@@ -35,10 +35,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
 from lorafmt.dtypes import DTYPE_SIZES, from_float32, numpy_dtype, to_float32
 from lorafmt.schema import Diagnostic, Module, TensorRef
+
+class _LazyNumpy:
+    """numpy, imported on first use: header-only commands (inspect, detect) never load it."""
+
+    def __getattr__(self, name: str):
+        import numpy
+
+        return getattr(numpy, name)
+
+
+np = _LazyNumpy()
 
 __all__ = [
     "row_slice",
