@@ -53,7 +53,7 @@ CASES = {
     "xlabs_flux_processor-lora1-lora2": ("xlabs", "flux1", None, {}),
     "bfl_control_flux_depth-dev-lora": (
         "bfl-control", "flux1", 0,
-        {"kohya": "", "diffusers": "", "peft": "", "comfyui": "", "onetrainer": "", "xlabs": ""},
+        {"kohya": "", "diffusers": "", "peft": "", "onetrainer": "", "xlabs": ""},
     ),
 }
 
