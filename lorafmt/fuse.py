@@ -280,6 +280,8 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     >>> parse_lora_arg("C:/loras/x.safetensors")
     ('C:/loras/x.safetensors', 1.0)
     """
+    if os.path.exists(text):
+        return text, 1.0
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:

@@ -162,3 +162,56 @@ def fp16_ulp(x: np.ndarray) -> np.ndarray:
     """One fp16 rounding step at the magnitude of `x`."""
     x16 = np.abs(np.asarray(x, np.float32)).astype(np.float16)
     return (np.nextafter(x16, np.float16(np.inf)) - x16).astype(np.float32)
+
+
+# Tiny CLIP text encoders (same module names as CLIP-L / OpenCLIP-H / bigG, toy widths).
+CLIP_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "vocab_size": 100, "max_position_embeddings": 16, "projection_dim": 32}
+
+
+def clip_hf_shapes(prefix: str = "text_model.") -> dict[str, tuple[int, ...]]:
+    """transformers CLIP text-model parameter shapes, spelled with `prefix` (original checkpoints keep text_model.)."""
+    d, f, n = CLIP_TINY["hidden_size"], CLIP_TINY["intermediate_size"], CLIP_TINY["num_hidden_layers"]
+    out = {
+        f"{prefix}embeddings.token_embedding.weight": (CLIP_TINY["vocab_size"], d),
+        f"{prefix}embeddings.position_embedding.weight": (CLIP_TINY["max_position_embeddings"], d),
+        f"{prefix}final_layer_norm.weight": (d,),
+        f"{prefix}final_layer_norm.bias": (d,),
+    }
+    for i in range(n):
+        b = f"{prefix}encoder.layers.{i}."
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out[f"{b}self_attn.{p}.weight"] = (d, d)
+            out[f"{b}self_attn.{p}.bias"] = (d,)
+        out[f"{b}mlp.fc1.weight"], out[f"{b}mlp.fc1.bias"] = (f, d), (f,)
+        out[f"{b}mlp.fc2.weight"], out[f"{b}mlp.fc2.bias"] = (d, f), (d,)
+        for ln in ("layer_norm1", "layer_norm2"):
+            out[f"{b}{ln}.weight"], out[f"{b}{ln}.bias"] = (d,), (d,)
+    return out
+
+
+def openclip_shapes(prefix: str) -> dict[str, tuple[int, ...]]:
+    """OpenCLIP text-tower shapes as original SD2 / SDXL checkpoints store them (fused in_proj)."""
+    d, f, n = CLIP_TINY["hidden_size"], CLIP_TINY["intermediate_size"], CLIP_TINY["num_hidden_layers"]
+    out = {
+        f"{prefix}token_embedding.weight": (CLIP_TINY["vocab_size"], d),
+        f"{prefix}positional_embedding": (CLIP_TINY["max_position_embeddings"], d),
+        f"{prefix}ln_final.weight": (d,),
+        f"{prefix}ln_final.bias": (d,),
+        f"{prefix}text_projection": (d, d),
+    }
+    for i in range(n):
+        b = f"{prefix}transformer.resblocks.{i}."
+        out[f"{b}attn.in_proj_weight"], out[f"{b}attn.in_proj_bias"] = (3 * d, d), (3 * d,)
+        out[f"{b}attn.out_proj.weight"], out[f"{b}attn.out_proj.bias"] = (d, d), (d,)
+        out[f"{b}mlp.c_fc.weight"], out[f"{b}mlp.c_fc.bias"] = (f, d), (f,)
+        out[f"{b}mlp.c_proj.weight"], out[f"{b}mlp.c_proj.bias"] = (d, f), (d,)
+        for ln in ("ln_1", "ln_2"):
+            out[f"{b}{ln}.weight"], out[f"{b}{ln}.bias"] = (d,), (d,)
+    return out
+
+
+def clip_lora_targets() -> dict[str, tuple[int, ...]]:
+    """Canonical text-model module paths kohya trains (q/k/v/out, fc1, fc2) -> weight shape."""
+    return {k[: -len(".weight")]: s for k, s in clip_hf_shapes().items()
+            if k.endswith(".weight") and (".self_attn." in k or ".mlp." in k)}
