@@ -355,19 +355,34 @@ class LoraApplier:
         return out
 
     def _delta(self, adapter: _Adapter, path: str, device, shape):
+        """ΔW (scale included) in float32 on `device`: torch on accelerators, numpy (same float32 matmul,
+        no intra-op thread start-up per small product) on the CPU."""
         torch = self.torch
         down, up, mid = adapter.factors[path]
+        scale = adapter.modules[path].scale
+        if torch.device(device).type == "cpu":
+            d = down.cpu().numpy().reshape(down.shape[0], -1)
+            u = up.cpu().numpy().reshape(up.shape[0], -1)
+            if mid is not None:
+                dw = np.einsum("ij,jk...,kl->il...", u, mid.cpu().numpy(), d)
+            else:
+                dw = u @ d
+            dw *= np.float32(scale)
+            return torch.from_numpy(np.ascontiguousarray(dw, dtype=np.float32).reshape(shape))
         down, up = down.to(device), up.to(device)
         up2 = up.reshape(up.shape[0], -1)
         if mid is not None:
             dw = torch.einsum("ij,jk...,kl->il...", up2, mid.to(device), down.reshape(down.shape[0], -1))
         else:
             dw = up2 @ down.reshape(down.shape[0], -1)
-        return (dw * adapter.modules[path].scale).reshape(shape)
+        return (dw * scale).reshape(shape)
 
     def _compose(self, target: _Target, contribs: list[tuple[str, float]]):
+        """``W₀ + contributions`` in float32 on the weight's device (numpy arithmetic for CPU weights)."""
         torch = self.torch
         weight = target.module.weight
+        if weight.device.type == "cpu":
+            return torch.from_numpy(self._compose_numpy(target, contribs))
         w = target.original.to(device=weight.device, dtype=torch.float32, copy=True)
         for n, strength in contribs:
             adapter = self._adapters[n]
@@ -377,6 +392,25 @@ class LoraApplier:
             else:
                 new = patch_numpy(w.detach().cpu().numpy(), module, strength)
                 w = torch.from_numpy(np.ascontiguousarray(new, dtype=np.float32)).to(weight.device)
+        return w
+
+    def _compose_numpy(self, target: _Target, contribs: list[tuple[str, float]]) -> np.ndarray:
+        orig = target.original
+        if orig.dtype == self.torch.bfloat16:
+            w = orig.detach().cpu().view(self.torch.int16).numpy().view(np.uint16)
+            w = (w.astype(np.uint32) << 16).view(np.float32)
+        else:
+            w = orig.detach().cpu().numpy().astype(np.float32)  # a copy
+        shape = tuple(w.shape)
+        for n, strength in contribs:
+            adapter = self._adapters[n]
+            module = adapter.modules[target.path]
+            if target.path in adapter.factors:
+                d = self._delta(adapter, target.path, "cpu", shape).numpy()
+                d *= np.float32(strength)
+                w += d
+            else:
+                w = np.ascontiguousarray(patch_numpy(w, module, strength), dtype=np.float32)
         return w
 
     def _compose_bias(self, target: _Target, contribs: list[tuple[str, float]]):
@@ -391,6 +425,14 @@ class LoraApplier:
             if d is not None:
                 b += torch.from_numpy(np.asarray(d, np.float32).reshape(b.shape)).to(b.device) * strength
         return b
+
+    def _cast(self, w32, like):
+        """float32 -> `like`'s dtype (round to nearest even), on `like`'s device."""
+        torch = self.torch
+        if w32.device.type == "cpu" and like.dtype in (torch.float16, torch.float32):
+            arr = w32.numpy().astype(np.float16 if like.dtype == torch.float16 else np.float32, copy=False)
+            return torch.from_numpy(arr)
+        return w32.to(device=like.device, dtype=like.dtype)
 
     def _recompute_adapters(self, names: list[str], check_finite: bool = False) -> None:
         paths = set()
@@ -414,25 +456,50 @@ class LoraApplier:
                     if not contribs:
                         continue
                     keep = self.originals_device or weight.device
-                    target.original = weight.detach().to(keep, copy=True)
+                    target.original = _clone(torch, weight, keep)
                     if isinstance(bias, torch.Tensor):
-                        target.original_bias = bias.detach().to(keep, copy=True)
+                        target.original_bias = _clone(torch, bias, keep)
                 if not contribs:
                     staged.append((target, target.original, target.original_bias))
                     continue
-                w = self._compose(target, contribs).to(weight.dtype)
+                w = self._cast(self._compose(target, contribs), weight)
                 b = self._compose_bias(target, contribs)
                 b = None if b is None else b.to(device=bias.device, dtype=bias.dtype)
-                if check_finite and not (bool(torch.isfinite(w).all()) and (b is None or bool(torch.isfinite(b).all()))):
+                if check_finite and not (_finite(torch, w) and (b is None or _finite(torch, b))):
                     msg = f"fusing produced non-finite values in {target.name}.weight; nothing was changed"
                     raise FuseError(msg, module=path, hint="pass safe=False to fuse anyway")
                 staged.append((target, w, b if b is not None else target.original_bias))
             # Write only after every weight was computed (and checked): a failure changes nothing.
             for target, w, b in staged:
-                target.module.weight.data.copy_(w)
+                _assign(torch, target.module.weight, w)
                 bias = getattr(target.module, "bias", None)
                 if b is not None and isinstance(bias, torch.Tensor):
-                    bias.data.copy_(b)
+                    _assign(torch, bias, b)
+
+
+def _numpy_ok(torch, t) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float16, torch.float32) and t.is_contiguous()
+
+
+def _clone(torch, t, device):
+    """An exact copy of `t` on `device` (numpy memcpy for CPU tensors)."""
+    if _numpy_ok(torch, t) and torch.device(device).type == "cpu":
+        return torch.from_numpy(t.detach().numpy().copy())
+    return t.detach().to(device, copy=True)
+
+
+def _assign(torch, param, value) -> None:
+    """Copy `value` into `param` in place, bit for bit."""
+    if _numpy_ok(torch, param) and _numpy_ok(torch, value) and param.dtype == value.dtype:
+        np.copyto(param.detach().numpy(), value.detach().numpy().reshape(param.shape))
+    else:
+        param.data.copy_(value)
+
+
+def _finite(torch, t) -> bool:
+    if t.device.type == "cpu" and t.dtype in (torch.float16, torch.float32):
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())
 
 
 def apply_loras(model, loras: list[tuple[Any, float]], component: str = "unet", **kwargs) -> LoraApplier:

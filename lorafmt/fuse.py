@@ -167,7 +167,10 @@ def patch_numpy(weight: np.ndarray, module: Module, scale: float) -> np.ndarray:
     shape = tuple(weight.shape)
     algo = _algorithm(module)
     if is_plain(module):
-        out = np.array(algo.delta(module, shape), dtype=np.float32, copy=True).reshape(shape)
+        delta = algo.delta(module, shape)
+        # The built-in LoRA returns a fresh array: scale it in place (one tensor-sized buffer, not three).
+        fresh = module.algorithm == "lora" and isinstance(delta, np.ndarray) and delta.dtype == np.float32
+        out = (delta if fresh else np.array(delta, dtype=np.float32, copy=True)).reshape(shape)
         out *= np.float32(scale)
         out += weight
         return out
@@ -449,7 +452,7 @@ class _Fuser:
                 self.report.bytes_computed += len(data)
                 yield WriteEntry(info.key, out_dtype, info.shape, data=data)
 
-    def _fused_bytes(self, header: Header, info: TensorInfo, patches: list[_Patch], out_dtype: str) -> bytes:
+    def _fused_bytes(self, header: Header, info: TensorInfo, patches: list[_Patch], out_dtype: str) -> bytes | memoryview:
         raw = _read_owned(header, info)
         if self.torch is None:
             w = to_float32(raw, info.dtype)  # a new array for every float dtype
@@ -463,7 +466,7 @@ class _Fuser:
             out = from_float32(w, out_dtype)
             del w
             bad = 0 if self.unsafe else _count_nonfinite(out, out_dtype)
-            data = out.tobytes()
+            data = memoryview(np.ascontiguousarray(out).reshape(-1).view(np.uint8))
         else:
             torch = self.torch
             w = raw_to_torch(torch, raw, info.dtype).to(device=self.device, dtype=torch.float32)
