@@ -189,6 +189,38 @@ def patch_numpy(weight: np.ndarray, module: Module, scale: float) -> np.ndarray:
     return weight + np.float32(scale) * (dora - weight)
 
 
+# Plain-LoRA products are added in row blocks of about this many elements, so a fuse never holds a full-size
+# float32 ΔW next to the float32 weight (the weight itself is the only tensor-sized buffer).
+ROW_BLOCK_ELEMENTS = 1 << 20
+
+
+def add_lora_rows(weight: np.ndarray, module: Module, scale: float) -> bool:
+    """Add ``scale · ΔW`` of a plain (non-Tucker) LoRA to `weight` in place, one block of rows at a time.
+
+    Same float32 arithmetic as ``LoRA.delta`` followed by the scaled add (``(up @ down) · alpha/rank``, then
+    ``· scale``, then ``+ W``). Returns False (nothing done) when the module is not such a LoRA.
+    """
+    if module.algorithm != "lora" or "mid" in module.tensors or not is_plain(module):
+        return False
+    w2 = weight.reshape(weight.shape[0], -1)
+    down = module.tensors["down"].float32()
+    up = module.tensors["up"].float32()
+    u = up.reshape(up.shape[0], -1)
+    d = down.reshape(down.shape[0], -1)
+    if u.shape[0] != w2.shape[0] or d.shape[1] != w2.shape[1] or u.shape[1] != d.shape[0]:
+        return False
+    f, s = np.float32(module.scale), np.float32(scale)
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, w2.shape[1]))
+    for i in range(0, w2.shape[0], step):
+        block = u[i : i + step] @ d
+        block *= f
+        block *= s
+        w2[i : i + step] += block
+    if not np.shares_memory(w2, weight):  # reshape had to copy (non-contiguous view): write back
+        weight[...] = w2.reshape(weight.shape)
+    return True
+
+
 def patch_torch(torch, weight, module: Module, scale: float):
     """Like :func:`patch_numpy` for a float32 torch tensor; plain LoRA runs on the tensor's device."""
     if is_plain(module) and module.algorithm == "lora" and weight.device.type != "cpu":
@@ -461,7 +493,7 @@ class _Fuser:
                 view = w if p.rows is None else w[slice(*_row_bounds(info.shape[0], p.rows))]
                 if p.bias:
                     view += np.float32(p.scale) * bias_delta(p.module).reshape(view.shape)
-                else:
+                elif not add_lora_rows(view, p.module, p.scale):
                     view[...] = patch_numpy(view, p.module, p.scale)
             out = from_float32(w, out_dtype)
             del w

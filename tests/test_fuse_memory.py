@@ -59,7 +59,7 @@ def _run_child(base: Path, a: Path, b: Path, out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _check(config: dict, tmp_path: Path, *, limit: int | None, peft: bool) -> dict:
+def _check(config: dict, tmp_path: Path, *, limit: int | None, peft: bool, absolute: bool) -> dict:
     shapes = meta_shapes(config)
     base = tmp_path / "unet.safetensors"
     stream_random_safetensors(base, shapes, seed=1)
@@ -72,7 +72,10 @@ def _check(config: dict, tmp_path: Path, *, limit: int | None, peft: bool) -> di
     out = tmp_path / "fused.safetensors"
     stats = _run_child(base, tmp_path / "locon.safetensors", tmp_path / "lora.safetensors", out)
     assert not stats["torch"]  # the CPU path needs numpy only
-    assert stats["peak"] < 0.35 * size, f"peak RSS {stats['peak'] / 2**20:.0f} MiB vs base {size / 2**20:.0f} MiB"
+    # The real-shape file is large enough to bound the whole process; a small file can only bound what the
+    # fuse adds on top of the interpreter (~40 MiB of Python, numpy and pydantic).
+    used = stats["peak"] if absolute else stats["peak"] - stats["before"]
+    assert used < 0.35 * size, f"peak RSS {used / 2**20:.0f} MiB vs base {size / 2**20:.0f} MiB"
     touched = set(fa) | set(fb)
     assert stats["fused"] == len(touched)
 
@@ -133,12 +136,12 @@ def _peft_deltas(config, base, tmp_path, fa, fb) -> dict[str, np.ndarray]:
 
 
 def test_fuse_memory_quarter_width(tmp_path):
-    stats = _check(QUARTER, tmp_path, limit=None, peft=False)
+    stats = _check(QUARTER, tmp_path, limit=None, peft=False, absolute=False)
     assert stats["size"] > 80 * 2**20
 
 
 @pytest.mark.slow
 @pytest.mark.parity
 def test_fuse_memory_real_shape_sd15(tmp_path):
-    stats = _check(SD15_UNET, tmp_path, limit=60, peft=True)
+    stats = _check(SD15_UNET, tmp_path, limit=60, peft=True, absolute=True)
     assert stats["size"] > 1.6e9
