@@ -688,7 +688,7 @@ def fuse(
         msg = "folder is not a diffusers pipeline (no model_index.json, no unet/transformer/text_encoder folder)"
         raise SourceError(msg, file=str(base_path))
     else:
-        header = read_header(base_path)
+        header = _read_base_header(base_path)
         ck_family = checkpoint_family(header.tensors) if any(k.startswith("model.diffusion_model.") for k in header.tensors) else None
         kind = "checkpoint" if ck_family else "component"
         base_family = ck_family or family
@@ -731,6 +731,23 @@ def fuse(
     report.modules_fused = sorted({p for _, p in matched})
     report.seconds = round(time.perf_counter() - started, 3)
     return report
+
+
+def _read_base_header(path: Path) -> Header:
+    """The base's safetensors header; a pickled base is refused (it cannot be streamed), after the safe
+    loader has had its say when pickle loading is allowed (so a malicious file is reported as such)."""
+    from lorafmt.errors import PickleFileError
+
+    try:
+        return read_header(path)
+    except PickleFileError:
+        from lorafmt.io.source import _ALLOW_PICKLE, open_source
+
+        if not _ALLOW_PICKLE.get():
+            raise
+        open_source(path, allow_pickle=True)  # raises on anything torch's weights_only loader refuses
+        msg = "a pickled checkpoint cannot be fused by streaming; convert it to safetensors first"
+        raise FuseError(msg, file=str(path), hint="e.g. load it with torch.load(weights_only=True) and save_file() it") from None
 
 
 def _finish_matching(
