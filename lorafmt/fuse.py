@@ -336,10 +336,10 @@ def _load_loras(loras: Sequence[Any], family: str | None) -> list[tuple[LoraFile
                 msg = f"each LoRA is (path_or_lora, scale); got {item!r}"
                 raise FuseError(msg)
             src, scale = item
+        elif isinstance(item, str):
+            src, scale = parse_lora_arg(item)  # "PATH[:SCALE]"
         else:
             src, scale = item, 1.0
-        if isinstance(src, str) and not os.path.exists(src) and ":" in src:
-            src, scale = parse_lora_arg(src)
         lora = src if isinstance(src, LoraFile) else read(src, family=family)
         errors = [d for d in lora.issues if d.severity == "error"]
         if errors:
@@ -649,7 +649,8 @@ def fuse(
         out: output path; refused if it exists unless `force`.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; the arithmetic is float32 there
             (torch on CUDA; exact float32 numpy on the CPU, where torch is not needed).
-        dtype: write float tensors in this dtype (``fp16``/``bf16``/``fp32``) instead of the base's.
+        dtype: write float tensors in this dtype (``fp16``/``bf16``/``fp32``) instead of the base's (for a
+            pipeline: in the files that are fused; the others are linked unchanged).
         component: which component a component file holds, when its folder and keys don't say.
         family: the LoRAs' family when detection cannot tell (the base decides for checkpoints).
         unsafe: skip the finiteness check of fused tensors.

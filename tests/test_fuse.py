@@ -303,3 +303,12 @@ def test_component_inferred_from_keys_and_other_components_skipped(sd15_tiny, tm
     assert report.components == ["unet"]
     assert report.skipped and all(s.startswith("0:text_encoder.") for s in report.skipped)
     assert report.unmatched == []
+
+
+def test_fuse_onto_its_own_path_with_force(sd15_tiny, tmp_path):
+    own = tmp_path / "unet.safetensors"
+    own.write_bytes(sd15_tiny["base"].read_bytes())
+    ref = tmp_path / "ref.safetensors"
+    fuse(sd15_tiny["base"], ["%s:0.5" % sd15_tiny["b"]], ref, device="cpu")
+    fuse(own, [(sd15_tiny["b"], 0.5)], own, device="cpu", force=True)
+    assert own.read_bytes() == ref.read_bytes()
