@@ -26,7 +26,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, Field
 
 from lorafmt.dtypes import FLOAT_DTYPES
@@ -73,6 +72,8 @@ def tolerance(module: Module) -> float:
 
 def _raw_distance(a: Module, b: Module) -> float | None:
     """Relative error over the algorithms' own tensors (for algorithms whose ΔW needs the base weight)."""
+    import numpy as np
+
     if set(a.tensors) != set(b.tensors) or a.algorithm != b.algorithm:
         return None
     num = den = 0.0
@@ -129,6 +130,8 @@ def verify_modules(source: LoraFile, result: LoraFile, *, skip: set[str] | None 
             msg = "DoRA magnitude was " + ("lost" if out.dora_scale is None else "added")
             raise VerificationError(msg, file=file, module=path)
         if src.dora_scale is not None:
+            import numpy as np
+
             a = src.dora_scale.float32().reshape(-1).astype(np.float64)
             b = out.dora_scale.float32().reshape(-1).astype(np.float64)
             if a.size != b.size or not np.allclose(a, b, rtol=tol, atol=0):
