@@ -223,7 +223,7 @@ def add_lora_rows(weight: np.ndarray, module: Module, scale: float) -> bool:
 
 def patch_torch(torch, weight, module: Module, scale: float):
     """Like :func:`patch_numpy` for a float32 torch tensor; plain LoRA runs on the tensor's device."""
-    if is_plain(module) and module.algorithm == "lora" and weight.device.type != "cpu":
+    if is_plain(module) and module.algorithm == "lora":
         return weight + lora_delta_torch(torch, module, weight.device, tuple(weight.shape)) * scale
     new = patch_numpy(weight.detach().cpu().numpy(), module, scale)
     return torch.from_numpy(np.ascontiguousarray(new, dtype=np.float32)).to(weight.device)
@@ -648,7 +648,8 @@ def fuse(
         loras: ``[(path_or_LoraFile, scale), ...]`` in any layouts; applied in this order.
         out: output path; refused if it exists unless `force`.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; the arithmetic is float32 there
-            (torch on CUDA; exact float32 numpy on the CPU, where torch is not needed).
+            (torch on CUDA; exact float32 numpy on the CPU, where torch is not needed). A ``torch.device``
+            selects the torch arithmetic on that device, CPU included.
         dtype: write float tensors in this dtype (``fp16``/``bf16``/``fp32``) instead of the base's (for a
             pipeline: in the files that are fused; the others are linked unchanged).
         component: which component a component file holds, when its folder and keys don't say.
@@ -668,8 +669,11 @@ def fuse(
         212
     """
     started = time.perf_counter()
-    dev = resolve_device(device)
-    torch = None if dev == "cpu" else require_torch()
+    torch_device = type(device).__module__ == "torch" and type(device).__name__ == "device"
+    dev = str(device) if torch_device else resolve_device(device)
+    # Plain "cpu" computes with numpy (exact float32, no torch needed); CUDA, or an explicit torch.device,
+    # computes with torch on that device.
+    torch = require_torch() if (torch_device or dev != "cpu") else None
     from lorafmt.api import _norm_dtype
 
     out_dtype = _norm_dtype(dtype)

@@ -312,3 +312,34 @@ def test_fuse_onto_its_own_path_with_force(sd15_tiny, tmp_path):
     fuse(sd15_tiny["base"], ["%s:0.5" % sd15_tiny["b"]], ref, device="cpu")
     fuse(own, [(sd15_tiny["b"], 0.5)], own, device="cpu", force=True)
     assert own.read_bytes() == ref.read_bytes()
+
+
+def test_torch_backend_matches_numpy_backend(sd15_tiny, tmp_path):
+    """The torch arithmetic (what CUDA runs) on a CPU torch.device agrees with the numpy path within one fp16 step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of tiny products: intra-op thread start-up would dominate
+    try:
+        _torch_vs_numpy(sd15_tiny, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _torch_vs_numpy(sd15_tiny, tmp_path):
+    a, b = tmp_path / "np.safetensors", tmp_path / "torch.safetensors"
+    loras = [(sd15_tiny["a"], 0.7), (sd15_tiny["b"], -0.3)]
+    fuse(sd15_tiny["base"], loras, a, device="cpu")
+    report = fuse(sd15_tiny["base"], loras, b, device=torch.device("cpu"), dtype="bf16")
+    assert report.device == "cpu"
+    ga, hb = _load(a), read_header(b)
+    for k in ga:
+        x = ga[k].astype(np.float32)
+        y = hb.read_float32(k)  # bf16 decoded exactly
+        # each result is within half a step of the exact value: one bf16 step plus one fp16 step apart at most
+        bound = np.maximum(np.abs(x), np.abs(y)) * 2.0**-7 + fp16_ulp(x)
+        assert (np.abs(x - y) <= bound).all(), k
+    c = tmp_path / "torch16.safetensors"
+    fuse(sd15_tiny["base"], loras, c, device=torch.device("cpu"))
+    gc = _load(c)
+    for k in ga:
+        diff = np.abs(ga[k].astype(np.float32) - gc[k].astype(np.float32))
+        assert (diff <= fp16_ulp(ga[k])).all(), k
