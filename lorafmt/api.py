@@ -165,6 +165,7 @@ def write(
     lay = get_layout(layout)
     dtype = _norm_dtype(dtype)
     lora, notes = _check_expressible(lora, lay.name, allow_lossy)
+    lora, stale_hashes = _refresh_metadata(lora, lay.name, family)
     plan = lay.plan(lora, WriteOptions(family=family, allow_lossy=allow_lossy))
     report = ConversionReport(
         source=lora.provenance.source,
@@ -176,7 +177,22 @@ def write(
         notes=[*notes, *plan.notes],
     )
     _execute(plan, Path(dst), dtype, force, report)
+    if stale_hashes and not plan.directory:
+        from lorafmt.metadata import update_file_hashes
+
+        update_file_hashes(dst, stale_hashes, style=stale_hashes)
     return report
+
+
+def _refresh_metadata(lora: LoraFile, layout: str, family: str | None) -> tuple[LoraFile, dict[str, str]]:
+    """Rewrite metadata a conversion makes stale (lorafmt.metadata); returns the hash keys to recompute."""
+    if not lora.metadata:
+        return lora, {}
+    from lorafmt.metadata import HASH_KEYS, refresh_metadata
+
+    stale = {k: v for k, v in lora.metadata.items() if k in HASH_KEYS}
+    fresh = refresh_metadata(lora.metadata, target_layout=layout, family=family or lora.family, modules=lora.modules)
+    return lora.model_copy(update={"metadata": fresh}), stale
 
 
 def _norm_dtype(dtype: str | None) -> str | None:
