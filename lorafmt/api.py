@@ -39,7 +39,7 @@ def detect(src: str | os.PathLike | Any) -> Detection:
         >>> d.layout, d.family  # doctest: +SKIP
         ('kohya', 'sdxl')
     """
-    source = open_source(src)
+    source = open_source(src, header_only=True)
     best, matches = pick_layout(source)
     lora = get_layout(best.layout).read(source)
     return Detection(
@@ -324,7 +324,7 @@ def inspect(src: str | os.PathLike | Any, *, layout: str | None = None, family: 
         >>> lorafmt.inspect("my_lora.safetensors")["family"]  # doctest: +SKIP
         'sdxl'
     """
-    lora = read(src, layout=layout, family=family)
+    lora = read(open_source(src, header_only=True), layout=layout, family=family)
     ranks: Counter[int] = Counter()
     alphas: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()

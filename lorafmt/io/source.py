@@ -139,10 +139,18 @@ def _ref_from_value(key: str, value: Any, name: str | None) -> TensorRef:
     raise SourceError(msg, file=name, key=key)
 
 
-def open_source(src: str | os.PathLike | Any, *, metadata: dict[str, str] | None = None) -> Source:
-    """Open a path (file or folder) or wrap a state dict, reading headers only."""
+def open_source(src: str | os.PathLike | Any, *, metadata: dict[str, str] | None = None, header_only: bool = False) -> Source:
+    """Open a path (file or folder), an ``hf://owner/repo/file[@rev]`` URL, or wrap a state dict, reading headers only.
+
+    `header_only`: the caller reads no tensor data besides scalars, so a hub file that is not cached may be read
+    with ranged requests instead of downloaded (see :mod:`lorafmt.hub`).
+    """
     if isinstance(src, Source):
         return src
+    if isinstance(src, str) and src.startswith("hf://"):
+        from lorafmt.hub import open_hub_source
+
+        return open_hub_source(src, header_only=header_only)
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         if os.path.isdir(path):
