@@ -17,6 +17,7 @@ from lorafmt.dtypes import CLI_DTYPES, FLOAT_DTYPES, from_float32
 from lorafmt.errors import (
     LayoutError,
     LossyConversionError,
+    OutputExistsError,
     SourceError,
     UnplacedKeysError,
     UnsupportedFeatureError,
@@ -225,7 +226,11 @@ def convert(
         >>> report = lorafmt.convert("kohya.safetensors", "pytorch_lora_weights.safetensors", to="diffusers")  # doctest: +SKIP
         >>> report.modules  # doctest: +SKIP
     """
+    if not force and (Path(dst).exists() or Path(dst).is_symlink()):
+        msg = "output exists; pass --force (force=True) to replace it"
+        raise OutputExistsError(msg, file=str(dst))
     lora = read(src, layout=source_layout, family=family)
+    strict = strict and not allow_lossy
     if strict:
         errors = [d for d in lora.issues if d.severity == "error"]
         if errors:

@@ -88,7 +88,10 @@ def sniff_container(path: str, head: bytes, size: int) -> None:
     if head.startswith(b"PK\x03\x04"):
         msg = "this is a zip archive (a torch .pt/.ckpt/.bin checkpoint saved with torch.save), not safetensors"
         raise PickleFileError(msg, file=path, hint="pass --allow-pickle to load it with torch.load(weights_only=True)")
-    if len(head) >= 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5):
+    # A safetensors header length can start with the same two bytes as a pickle (0x80 0x02 = 640 bytes);
+    # a real safetensors file then has its JSON object starting at byte 8.
+    looks_safetensors = len(head) > 8 and head[8:9] == b"{"
+    if not looks_safetensors and len(head) >= 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5):
         msg = "this is a Python pickle (a legacy torch checkpoint), not safetensors"
         raise PickleFileError(msg, file=path, hint="pass --allow-pickle to load it with torch.load(weights_only=True)")
     lowered = head[:64].lstrip().lower()
