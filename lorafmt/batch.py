@@ -348,6 +348,13 @@ def _failed(task: Task, exc: BaseException) -> dict[str, Any]:
     return rec
 
 
+def _init_worker(environ: dict[str, str]) -> None:
+    """Give a pool worker the driver's environment as it is now (HF_HOME, HF_HUB_OFFLINE, ...): a forkserver
+    started earlier would otherwise hand out the environment of its own start."""
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 def _mp_context():
     if sys.platform.startswith("linux"):
         return multiprocessing.get_context("forkserver")
@@ -360,7 +367,9 @@ def _run_local(tasks: list[Task], fn: TaskFn, workers: int) -> Iterator[dict[str
     pending = set(range(len(tasks)))
     window = max(1, workers) * 4
     while pending:
-        pool = cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_mp_context())
+        pool = cf.ProcessPoolExecutor(
+            max_workers=max(1, workers), mp_context=_mp_context(), initializer=_init_worker, initargs=(dict(os.environ),)
+        )
         queue = sorted(pending, reverse=True)
         in_flight: dict[cf.Future, int] = {}
         broken = False

@@ -144,3 +144,17 @@ def test_header_only_reads_fetch_the_header_and_alphas_only(hub_cache, monkeypat
             raise OSError("416 Range Not Satisfiable")
 
     assert hub_header_source(hp, fs=NoRanges({hp.fs_path: big})) is None
+
+
+def test_batch_inspect_over_a_list_of_hub_urls(hub_cache, tmp_path):
+    from lorafmt.batch import read_report, run_batch
+
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"hf://{REPO}/loras/pixel.safetensors\nhf://{REPO}/loras/pixel.safetensors@v1\n"
+                       f"hf://{REPO}/loras/missing.safetensors\n")
+    s = run_batch("inspect", [f"@{listing}"], report=tmp_path / "r.jsonl", workers=1)
+    recs = {r["path"]: r for r in read_report(tmp_path / "r.jsonl")}
+    assert s.counts == {"error": 1, "ok": 2}
+    assert recs[f"hf://{REPO}/loras/pixel.safetensors"]["family"] == "sdxl"
+    assert recs[f"hf://{REPO}/loras/pixel.safetensors@v1"]["family"] == "sd1"
+    assert "not in the cache" in recs[f"hf://{REPO}/loras/missing.safetensors"]["error"]
