@@ -17,7 +17,7 @@ from lorafmt.testing import LoraMismatch, assert_equivalent, make_lora, module_s
 from lorafmt.testing.strategies import available_families, loras, loras_with_layout
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(loras_with_layout())
 def test_every_layout_round_trips(case):
     lora, layout = case
