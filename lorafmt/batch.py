@@ -37,6 +37,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -406,7 +407,20 @@ def _run_local(tasks: list[Task], fn: TaskFn, workers: int) -> Iterator[dict[str
                 yield _lost(tasks[i], attempts[i], "its process-pool worker died")
 
 
-def _run_dask(tasks: list[Task], fn: TaskFn, workers: int, scheduler: str | None) -> Iterator[dict[str, Any]]:
+def _run_chunk(fn: TaskFn, tasks: list[Task]) -> list[dict[str, Any]]:
+    """Run a few tasks in one cluster task (amortises the scheduler's per-task cost over small files)."""
+    out = []
+    for task in tasks:
+        try:
+            out.append(fn(task))
+        except Exception as exc:  # noqa: BLE001 - a custom task_fn raised: report, go on
+            out.append(_failed(task, exc))
+    return out
+
+
+def _run_dask(
+    tasks: list[Task], fn: TaskFn, workers: int, scheduler: str | None, chunk: int | None = None
+) -> Iterator[dict[str, Any]]:
     try:
         import dask
         from distributed import Client, LocalCluster, as_completed
@@ -427,32 +441,36 @@ def _run_dask(tasks: list[Task], fn: TaskFn, workers: int, scheduler: str | None
             )
             client = Client(cluster)
         try:
-            window = max(1, len(client.scheduler_info().get("workers", {})) or workers) * 8
-            it = iter(range(len(tasks)))
-            futures: dict[Any, int] = {}
+            n_workers = len(client.scheduler_info().get("workers", {})) or workers
+            size = chunk or max(1, min(16, len(tasks) // (n_workers * 8)))
+            chunks = [tasks[i : i + size] for i in range(0, len(tasks), size)]
+            it = iter(chunks)
+            futures: dict[Any, list[Task]] = {}
+            run_id = f"{os.getpid()}-{time.time_ns()}"
+            counter = itertools.count()
 
             def submit(ac) -> None:
-                i = next(it, None)
-                if i is None:
+                group = next(it, None)
+                if group is None:
                     return
-                fut = client.submit(fn, tasks[i], pure=False, key=f"lorafmt-{tasks[i].op}-{i}-{os.getpid()}-{time.time_ns()}")
-                futures[fut] = i
+                fut = client.submit(_run_chunk, fn, group, pure=False, key=f"lorafmt-{group[0].op}-{run_id}-{next(counter)}")
+                futures[fut] = group
                 ac.add(fut)
 
             ac = as_completed()
-            for _ in range(window):
+            for _ in range(n_workers * 4):
                 submit(ac)
             for fut in ac:
-                i = futures.pop(fut)
+                group = futures.pop(fut)
                 try:
-                    rec = fut.result()
+                    recs = fut.result()
                 except KilledWorker as exc:
-                    rec = _lost(tasks[i], MAX_ATTEMPTS, f"dask: {exc}")
+                    recs = [_lost(t, MAX_ATTEMPTS, f"dask: {exc}") for t in group]
                 except FutureCancelledError as exc:
-                    rec = _lost(tasks[i], 1, f"dask: cancelled: {exc}")
-                except Exception as exc:  # noqa: BLE001 - a custom task_fn raised: report, go on
-                    rec = _failed(tasks[i], exc)
-                yield rec
+                    recs = [_lost(t, 1, f"dask: cancelled: {exc}") for t in group]
+                except Exception as exc:  # noqa: BLE001 - report, go on
+                    recs = [_failed(t, exc) for t in group]
+                yield from recs
                 submit(ac)
         finally:
             client.close()
@@ -534,8 +552,12 @@ def iter_batch(
     workers: int | None = None,
     scheduler: str | None = None,
     task_fn: TaskFn = run_task,
+    chunk_size: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Run `tasks` and yield each report line as it finishes (completion order, not input order)."""
+    """Run `tasks` and yield each report line as it finishes (completion order, not input order).
+
+    `chunk_size` (dask): files per cluster task (default: up to 16, so that every worker gets several chunks).
+    """
     if executor not in EXECUTORS:
         raise SourceError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     workers = workers or os.cpu_count() or 1
@@ -543,7 +565,7 @@ def iter_batch(
     if not tasks:
         return iter(())
     if executor == "dask":
-        return _run_dask(tasks, task_fn, workers, scheduler)
+        return _run_dask(tasks, task_fn, workers, scheduler, chunk_size)
     return _run_local(tasks, task_fn, workers)
 
 
@@ -563,6 +585,7 @@ def run_batch(
     check_values: bool = False,
     retry_failed: bool = False,
     task_fn: TaskFn = run_task,
+    chunk_size: int | None = None,
     on_start: Callable[[int], None] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> BatchSummary:
@@ -599,7 +622,7 @@ def run_batch(
     t0 = time.perf_counter()
     fh = _open_report(Path(report)) if report is not None else None
     try:
-        for rec in iter_batch(todo, executor=executor, workers=workers, scheduler=scheduler, task_fn=task_fn):
+        for rec in iter_batch(todo, executor=executor, workers=workers, scheduler=scheduler, task_fn=task_fn, chunk_size=chunk_size):
             if fh is not None:
                 fh.write(json.dumps(rec, default=str, ensure_ascii=False) + "\n")
                 fh.flush()
