@@ -15,6 +15,7 @@ from lorafmt.algorithms import get_algorithm
 from lorafmt.detect import pick_layout
 from lorafmt.dtypes import CLI_DTYPES, FLOAT_DTYPES, from_float32
 from lorafmt.errors import (
+    STRUCTURAL_ERRORS,
     LayoutError,
     LossyConversionError,
     OutputExistsError,
@@ -32,7 +33,7 @@ from lorafmt.schema import ConversionReport, Detection, Diagnostic, LoraFile, Te
 __all__ = ["read", "detect", "write", "convert", "diff", "inspect", "DiffReport", "ModuleDiff"]
 
 
-def detect(src: str | os.PathLike | Any) -> Detection:
+def detect(src: str | os.PathLike | Any, *, allow_pickle: bool | None = None) -> Detection:
     """Detect a file's layout and family from its header alone.
 
     Example:
@@ -40,7 +41,7 @@ def detect(src: str | os.PathLike | Any) -> Detection:
         >>> d.layout, d.family  # doctest: +SKIP
         ('kohya', 'sdxl')
     """
-    source = open_source(src, header_only=True)
+    source = open_source(src, allow_pickle=allow_pickle, header_only=True)
     best, matches = pick_layout(source)
     lora = get_layout(best.layout).read(source)
     return Detection(
@@ -53,16 +54,24 @@ def detect(src: str | os.PathLike | Any) -> Detection:
     )
 
 
-def read(src: str | os.PathLike | Any, *, layout: str | None = None, family: str | None = None, metadata: dict[str, str] | None = None) -> LoraFile:
+def read(
+    src: str | os.PathLike | Any,
+    *,
+    layout: str | None = None,
+    family: str | None = None,
+    metadata: dict[str, str] | None = None,
+    allow_pickle: bool | None = None,
+) -> LoraFile:
     """Read a LoRA (path to a file or PEFT folder, or a ``{key: tensor}`` dict) into canonical form.
 
-    Only headers are read (plus alpha scalars); tensors stay lazy.
+    Only headers are read (plus alpha scalars); tensors stay lazy. Pickle/zip checkpoints (.ckpt/.pt/.bin) are
+    refused unless ``allow_pickle=True``, and then load only through ``torch.load(weights_only=True)``.
 
     Example:
         >>> lora = lorafmt.read("my_lora.safetensors")  # doctest: +SKIP
         >>> lora.family, len(lora.modules)  # doctest: +SKIP
     """
-    source = open_source(src, metadata=metadata)
+    source = open_source(src, metadata=metadata, allow_pickle=allow_pickle)
     if layout is None:
         best, _ = pick_layout(source)
         layout = best.layout
@@ -219,6 +228,7 @@ def convert(
     allow_lossy: bool = False,
     strict: bool = True,
     force: bool = False,
+    allow_pickle: bool | None = None,
 ) -> ConversionReport:
     """Convert a LoRA to another layout. Refuses unplaced keys, structural errors and lossy writes by default.
 
@@ -229,14 +239,15 @@ def convert(
     if not force and (Path(dst).exists() or Path(dst).is_symlink()):
         msg = "output exists; pass --force (force=True) to replace it"
         raise OutputExistsError(msg, file=str(dst))
-    lora = read(src, layout=source_layout, family=family)
+    lora = read(src, layout=source_layout, family=family, allow_pickle=allow_pickle)
     strict = strict and not allow_lossy
     if strict:
         errors = [d for d in lora.issues if d.severity == "error"]
         if errors:
             first = errors[0]
             msg = f"{len(errors)} structural problem(s): {first.message}"
-            raise LayoutError(msg, file=lora.provenance.source, key=first.key, module=first.module)
+            cls = STRUCTURAL_ERRORS.get(first.code, LayoutError)
+            raise cls(msg, file=lora.provenance.source, key=first.key, module=first.module)
         if lora.unplaced:
             keys = sorted(lora.unplaced)
             more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
@@ -281,15 +292,63 @@ def module_delta(module) -> np.ndarray:
     return get_algorithm(module.algorithm).delta(module)
 
 
-def diff(a: str | os.PathLike | LoraFile | Any, b: str | os.PathLike | LoraFile | Any, *, family: str | None = None, rtol: float = 2e-3) -> DiffReport:
+def _low_rank(module):
+    algo = get_algorithm(module.algorithm)
+    factors = getattr(algo, "factors", None)
+    return factors(module) if factors is not None else None
+
+
+def _delta_distance(ma, mb) -> tuple[float, float, float] | None:
+    """(‖ΔWa‖, ‖ΔWb‖, relative error) without forming ΔW when both are low-rank products.
+
+    For ΔW = U·D the Frobenius inner products reduce to r×r Gram matrices: ⟨UaDa, UbDb⟩ = Σ (UaᵀUb) ∘ (DaDbᵀ).
+    """
+    fa, fb = _low_rank(ma), _low_rank(mb)
+    if fa is not None and fb is not None and fa[0].shape[0] == fb[0].shape[0] and fa[1].shape[1] == fb[1].shape[1]:
+        (ua, da), (ub, db) = fa, fb
+        if ua.shape == ub.shape and da.shape == db.shape and np.array_equal(ua, ub) and np.array_equal(da, db):
+            n = float(np.sqrt(np.sum((ua.T @ ua) * (da @ da.T))))
+            return n, n, 0.0
+        aa = float(np.sum((ua.T @ ua) * (da @ da.T)))
+        bb = float(np.sum((ub.T @ ub) * (db @ db.T)))
+        ab = float(np.sum((ua.T @ ub) * (da @ db.T)))
+        na, nb = math.sqrt(max(aa, 0.0)), math.sqrt(max(bb, 0.0))
+        dist = math.sqrt(max(aa + bb - 2 * ab, 0.0))
+        scale = max(na, nb)
+        if scale == 0.0:
+            return na, nb, 0.0
+        # Cancellation floor: below ~1e-7 relative the Gram form cannot resolve the difference; check exactly.
+        if dist / scale < 1e-6:
+            dense = float(np.linalg.norm(ua @ da - ub @ db))
+            return na, nb, dense / scale
+        return na, nb, dist / scale
+    da_, db_ = module_delta(ma), module_delta(mb)
+    if da_.size != db_.size:
+        return None
+    da_, db_ = da_.reshape(-1).astype(np.float64), db_.reshape(-1).astype(np.float64)
+    na, nb = float(np.linalg.norm(da_)), float(np.linalg.norm(db_))
+    err = float(np.linalg.norm(da_ - db_)) / max(na, nb, 1e-30)
+    if not math.isfinite(err):
+        err = 0.0 if np.array_equal(da_, db_, equal_nan=True) else math.inf
+    return na, nb, err
+
+
+def diff(
+    a: str | os.PathLike | LoraFile | Any,
+    b: str | os.PathLike | LoraFile | Any,
+    *,
+    family: str | None = None,
+    rtol: float = 2e-3,
+    allow_pickle: bool | None = None,
+) -> DiffReport:
     """Compare the effective ΔW of two LoRAs module by module (any layouts).
 
     Example:
         >>> lorafmt.diff("kohya.safetensors", "diffusers.safetensors").same  # doctest: +SKIP
         True
     """
-    la = a if isinstance(a, LoraFile) else read(a, family=family)
-    lb = b if isinstance(b, LoraFile) else read(b, family=family)
+    la = a if isinstance(a, LoraFile) else read(a, family=family, allow_pickle=allow_pickle)
+    lb = b if isinstance(b, LoraFile) else read(b, family=family, allow_pickle=allow_pickle)
     out: list[ModuleDiff] = []
     for path in sorted(set(la.modules) | set(lb.modules)):
         ma, mb = la.modules.get(path), lb.modules.get(path)
@@ -299,15 +358,11 @@ def diff(a: str | os.PathLike | LoraFile | Any, b: str | os.PathLike | LoraFile 
         if mb is None:
             out.append(ModuleDiff(module=path, status="only_a"))
             continue
-        da, db = module_delta(ma), module_delta(mb)
-        if da.size != db.size:
+        measured = _delta_distance(ma, mb)
+        if measured is None:
             out.append(ModuleDiff(module=path, status="shape"))
             continue
-        da, db = da.reshape(-1).astype(np.float64), db.reshape(-1).astype(np.float64)
-        na, nb = float(np.linalg.norm(da)), float(np.linalg.norm(db))
-        err = float(np.linalg.norm(da - db)) / max(na, nb, 1e-30)
-        if not math.isfinite(err):
-            err = 0.0 if np.array_equal(da, db, equal_nan=True) else math.inf
+        na, nb, err = measured
         same = err <= rtol
         if same and (ma.dora_scale is None) != (mb.dora_scale is None):
             same = False
@@ -320,7 +375,9 @@ def diff(a: str | os.PathLike | LoraFile | Any, b: str | os.PathLike | LoraFile 
 # ------------------------------------------------------------------------------------------- inspect
 
 
-def inspect(src: str | os.PathLike | Any, *, layout: str | None = None, family: str | None = None) -> dict[str, Any]:
+def inspect(
+    src: str | os.PathLike | Any, *, layout: str | None = None, family: str | None = None, allow_pickle: bool | None = None
+) -> dict[str, Any]:
     """A JSON-ready summary of a LoRA: layout, family, algorithms, components, ranks, alphas, dtypes, DoRA, metadata.
 
     Header only (alpha scalars aside); never imports torch.
@@ -329,7 +386,7 @@ def inspect(src: str | os.PathLike | Any, *, layout: str | None = None, family: 
         >>> lorafmt.inspect("my_lora.safetensors")["family"]  # doctest: +SKIP
         'sdxl'
     """
-    lora = read(open_source(src, header_only=True), layout=layout, family=family)
+    lora = read(open_source(src, allow_pickle=allow_pickle, header_only=True), layout=layout, family=family)
     ranks: Counter[int] = Counter()
     alphas: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()

@@ -232,7 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add in [*SUBCOMMANDS, *_optional_subcommands()]:
         add(sub)
+    _add_allow_pickle(sub)
     return parser
+
+
+def _add_allow_pickle(sub) -> None:
+    """Every command that reads files accepts --allow-pickle (loads .ckpt/.pt/.bin via torch weights_only only)."""
+    for name, p in sub.choices.items():
+        if name == "layouts" or any("--allow-pickle" in a.option_strings for a in p._actions):
+            continue
+        p.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="load pickle/zip checkpoints (.ckpt/.pt/.bin) with torch.load(weights_only=True); refused otherwise",
+        )
 
 
 
@@ -240,11 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lorafmt`` console script."""
     from lorafmt.errors import LorafmtError
+    from lorafmt.io.source import pickle_loading
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        with pickle_loading(getattr(args, "allow_pickle", False)):
+            return int(args.func(args))
     except LorafmtError as exc:
         if args.debug:
             raise
@@ -260,6 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("lorafmt: interrupted\n")
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug must still not print a traceback (spec); --debug shows it
+        if args.debug:
+            raise
+        sys.stderr.write(f"lorafmt: error: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}\n")
+        sys.stderr.write("hint: this is a bug in lorafmt; rerun with --debug for the traceback and report it\n")
+        return EXIT_UNUSABLE
 
 
 if __name__ == "__main__":

@@ -9,9 +9,23 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lorafmt.errors import OutputExistsError, SourceError
+from lorafmt.errors import LorafmtError, OutputExistsError, OutputWriteError, SourceError
 
 __all__ = ["atomic_output", "atomic_directory"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(target: Path, base: int) -> int:
+    """Keep an existing output's permissions; otherwise what open() would give (mkstemp makes 0600)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        return base & ~_umask()
 
 
 def _check_target(target: Path, force: bool, want_dir: bool) -> None:
@@ -41,6 +55,7 @@ def atomic_output(target: Path, *, force: bool = True) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(target, 0o666))
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
@@ -54,9 +69,14 @@ def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; swap it into place only if the block succeeds."""
     target = Path(target)
     _check_target(target, force, want_dir=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        msg = f"cannot create the output folder: {exc.strerror or exc}"
+        raise OutputWriteError(msg, file=str(target)) from exc
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(target, 0o777))
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.rmdir(old)
@@ -70,6 +90,12 @@ def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, LorafmtError):
+            raise
+        msg = f"writing failed, nothing was written: {exc.strerror or exc}"
+        raise OutputWriteError(msg, file=str(target)) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,12 +20,30 @@ import numpy as np
 
 from lorafmt.dtypes import DTYPE_SIZES, numpy_dtype, to_float32
 from lorafmt.errors import (
+    BadOffsetsError,
+    BadShapeError,
+    DuplicateKeyError,
+    FileTooShortError,
     GitLfsPointerError,
+    HeaderEncodingError,
     HeaderError,
+    HeaderJsonError,
+    HeaderNotObjectError,
+    HeaderTooLargeError,
+    HtmlFileError,
+    ImplausibleHeaderLengthError,
+    LorafmtError,
+    MetadataError,
     NotSafetensorsError,
+    OutputWriteError,
+    OverlappingDataError,
     PickleFileError,
+    ShapeMismatchError,
     SourceError,
+    TruncatedDataError,
     TruncatedFileError,
+    TruncatedHeaderError,
+    UnknownDtypeError,
 )
 from lorafmt.io.atomic import atomic_output
 
@@ -80,28 +99,56 @@ class Header:
         return to_float32(self.read_raw(key), info.dtype)
 
 
+_PICKLE_HINT = "pass --allow-pickle (allow_pickle=True) to load its tensors with torch.load(weights_only=True)"
+
+
 def sniff_container(path: str, head: bytes, size: int) -> None:
-    """Raise a precise error for files that are not safetensors: pickles, zips, git-lfs pointers, HTML."""
+    """Raise a precise error for files that are not safetensors: pickles, zips, git-lfs pointers, HTML, GGUF, npy.
+
+    A file whose first 8 bytes are a length that fits the file and is followed by ``{`` is a safetensors file,
+    whatever those 8 bytes spell (a 640-byte header starts ``80 02``, like a pickle).
+    """
+    if len(head) >= 9 and 8 + struct.unpack("<Q", head[:8])[0] <= size and head[8:].lstrip(b" \t\r\n")[:1] == b"{":
+        return
     if head.startswith(b"version https://git-lfs"):
         msg = "this is a git-lfs pointer file, not the weights; fetch the real file with `git lfs pull`"
         raise GitLfsPointerError(msg, file=path)
     if head.startswith(b"PK\x03\x04"):
-        msg = "this is a zip archive (a torch .pt/.ckpt/.bin checkpoint saved with torch.save), not safetensors"
-        raise PickleFileError(msg, file=path, hint="pass --allow-pickle to load it with torch.load(weights_only=True)")
-    # A safetensors header length can start with the same two bytes as a pickle (0x80 0x02 = 640 bytes);
-    # a real safetensors file then has its JSON object starting at byte 8.
-    looks_safetensors = len(head) > 8 and head[8:9] == b"{"
-    if not looks_safetensors and len(head) >= 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5):
+        msg = "this is a zip archive (a torch .pt/.ckpt/.bin checkpoint saved with torch.save?), not safetensors"
+        raise PickleFileError(msg, file=path, hint=_PICKLE_HINT)
+    if len(head) >= 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5):
         msg = "this is a Python pickle (a legacy torch checkpoint), not safetensors"
-        raise PickleFileError(msg, file=path, hint="pass --allow-pickle to load it with torch.load(weights_only=True)")
+        raise PickleFileError(msg, file=path, hint=_PICKLE_HINT)
     lowered = head[:64].lstrip().lower()
-    if lowered.startswith((b"<!doctype", b"<html", b"<?xml")):
-        msg = "this is an HTML/XML page (a failed download?), not safetensors"
-        raise NotSafetensorsError(msg, file=path)
+    if lowered.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
+        msg = "this is an HTML/XML page (a failed or login-walled download?), not safetensors"
+        raise HtmlFileError(msg, file=path)
+    for magic, what in _OTHER_MAGIC:
+        if head.startswith(magic):
+            msg = f"this is {what}, not safetensors"
+            raise NotSafetensorsError(msg, file=path)
+
+
+_OTHER_MAGIC = (
+    (b"GGUF", "a GGUF file (llama.cpp / ComfyUI-GGUF quantized weights)"),
+    (b"\x93NUMPY", "a numpy .npy array"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-zip archive"),
+    (b"Rar!", "a RAR archive"),
+    (b"\x89HDF", "an HDF5 file (Keras .h5?)"),
+)
+
+# Bounds no real LoRA comes near; beyond them a header is hostile or corrupt.
+MAX_NDIM = 16
+MAX_ELEMENTS = 1 << 48  # product of a shape's non-zero dimensions
 
 
 def read_header(path: str | os.PathLike) -> Header:
     """Parse and check the header of a safetensors file without reading tensor data.
+
+    Every field is checked before anything trusts it: the length prefix against the file size and a bound,
+    the JSON (UTF-8, one object, no duplicate keys, no NaN, no trailing bytes), each tensor's dtype, shape
+    and offsets, overlaps, and the data span against the file size.
 
     Example:
         >>> h = read_header("fixtures/generated/kohya_sd15.safetensors")  # doctest: +SKIP
@@ -109,26 +156,40 @@ def read_header(path: str | os.PathLike) -> Header:
     """
     path = str(path)
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            msg = "is a directory, expected a .safetensors file"
+            raise SourceError(msg, file=path)
+        if not stat.S_ISREG(st.st_mode):
+            msg = "is not a regular file (a device, pipe or socket)"
+            raise SourceError(msg, file=path)
         with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             head = fh.read(64)
-            if len(head) < 8:
-                sniff_container(path, head, size)
-                msg = f"file is {len(head)} bytes long; a safetensors file has at least 8"
-                raise TruncatedFileError(msg, file=path)
             sniff_container(path, head, size)
+            if len(head) < 8:
+                msg = f"file is {len(head)} bytes long; a safetensors file has at least 8"
+                raise FileTooShortError(msg, file=path)
             (n,) = struct.unpack("<Q", head[:8])
-            if n > MAX_HEADER_BYTES:
-                if n > size:
-                    msg = f"not a safetensors file: header length {n} exceeds the file size {size}"
-                    raise NotSafetensorsError(msg, file=path)
-                msg = f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit"
-                raise HeaderError(msg, file=path)
             if 8 + n > size:
-                msg = f"header needs {8 + n} bytes but the file has {size}: {8 + n - size} bytes missing"
-                raise TruncatedFileError(msg, file=path)
+                if n > MAX_HEADER_BYTES:
+                    msg = f"not a safetensors file: its first 8 bytes announce a {n}-byte header in a {size}-byte file"
+                    raise ImplausibleHeaderLengthError(msg, file=path)
+                msg = (
+                    f"file is truncated inside its header: the header needs {8 + n} bytes but the file has {size} "
+                    f"({8 + n - size} bytes missing)"
+                )
+                raise TruncatedHeaderError(msg, file=path)
+            if n > MAX_HEADER_BYTES:
+                msg = f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit"
+                raise HeaderTooLargeError(msg, file=path)
             fh.seek(8)
             raw = fh.read(n)
+            if len(raw) != n:
+                msg = f"file changed while reading its header: expected {n} bytes, got {len(raw)}"
+                raise TruncatedHeaderError(msg, file=path)
+    except LorafmtError:
+        raise
     except FileNotFoundError:
         msg = "no such file"
         raise SourceError(msg, file=path) from None
@@ -138,38 +199,68 @@ def read_header(path: str | os.PathLike) -> Header:
     except PermissionError:
         msg = "permission denied"
         raise SourceError(msg, file=path) from None
+    except OSError as exc:
+        msg = f"cannot read: {exc.strerror or exc}"
+        raise SourceError(msg, file=path) from None
     return parse_header(path, raw, data_start=8 + n, file_size=size)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return obj
+
+
+def _is_int(x: object) -> bool:
+    return type(x) is int  # bool is an int subclass; a JSON true is not a dimension
 
 
 def parse_header(path: str, raw: bytes, *, data_start: int, file_size: int) -> Header:
     """Check header JSON bytes against the safetensors rules and the file's size."""
+    if not raw.lstrip(b" \t\r\n").startswith(b"{"):
+        msg = "not a safetensors file: the header does not begin with a JSON object"
+        raise HeaderNotObjectError(msg, file=path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         msg = f"header is not UTF-8 (byte {exc.start})"
-        raise HeaderError(msg, file=path) from None
-    if not text.lstrip().startswith("{"):
-        msg = "header is not a JSON object"
-        raise NotSafetensorsError(msg, file=path)
+        raise HeaderEncodingError(msg, file=path) from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, ValueError, RecursionError) as exc:
-        msg = f"header is not valid JSON: {exc}"
-        raise HeaderError(msg, file=path) from None
+        obj = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        msg = "key appears twice in the header (a JSON parser would silently keep the last one)"
+        raise DuplicateKeyError(msg, file=path, key=exc.key) from None
+    except RecursionError:
+        msg = "header is not valid JSON: nested too deeply"
+        raise HeaderJsonError(msg, file=path) from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers
+        msg = f"header is not valid JSON: {_short(str(exc), 120)}"
+        raise HeaderJsonError(msg, file=path) from None
     if not isinstance(obj, dict):
         msg = "header is not a JSON object"
-        raise HeaderError(msg, file=path)
+        raise HeaderNotObjectError(msg, file=path)
 
     metadata: dict[str, str] = {}
     meta = obj.pop("__metadata__", None)
     if meta is not None:
         if not isinstance(meta, dict):
-            msg = "__metadata__ is not an object of strings"
-            raise HeaderError(msg, file=path, key="__metadata__")
+            msg = f"__metadata__ is {_json_type(meta)}, safetensors metadata must be an object of strings"
+            raise MetadataError(msg, file=path, key="__metadata__")
         for k, v in meta.items():
             if not isinstance(v, str):
-                msg = f"metadata value of {k!r} is {type(v).__name__}, safetensors metadata must be strings"
-                raise HeaderError(msg, file=path, key=f"__metadata__.{k}")
+                msg = f"metadata value is {_json_type(v)}, safetensors metadata values must be strings"
+                raise MetadataError(msg, file=path, key=f"__metadata__.{k}")
             metadata[k] = v
 
     data_len = file_size - data_start
@@ -177,45 +268,73 @@ def parse_header(path: str, raw: bytes, *, data_start: int, file_size: int) -> H
     spans: list[tuple[int, int, str]] = []
     for key, entry in obj.items():
         if not isinstance(entry, dict):
-            msg = "tensor entry is not an object"
+            msg = f"tensor entry is {_json_type(entry)}, expected an object with dtype, shape and data_offsets"
             raise HeaderError(msg, file=path, key=key)
-        dtype = entry.get("dtype")
-        shape = entry.get("shape")
-        offsets = entry.get("data_offsets")
+        missing = [f for f in ("dtype", "shape", "data_offsets") if f not in entry]
+        if missing:
+            msg = f"tensor entry lacks {', '.join(missing)}"
+            raise HeaderError(msg, file=path, key=key)
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            msg = f"unknown dtype {dtype!r}"
-            raise HeaderError(msg, file=path, key=key)
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            msg = f"shape {shape!r} is not a list of non-negative integers"
-            raise HeaderError(msg, file=path, key=key)
+            known = isinstance(dtype, str) and dtype in _UNSUPPORTED_DTYPES
+            msg = f"dtype {_short(dtype)} is not supported by lorafmt" if known else f"unknown dtype {_short(dtype)}"
+            raise UnknownDtypeError(msg, file=path, key=key)
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            msg = f"shape {_short(shape)} is not a list of non-negative integers"
+            raise BadShapeError(msg, file=path, key=key)
+        if len(shape) > MAX_NDIM or math.prod(d for d in shape if d) > MAX_ELEMENTS:
+            msg = f"shape {_short(shape)} is implausibly large"
+            raise BadShapeError(msg, file=path, key=key)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(type(o) is int and o >= 0 for o in offsets)
+            or not all(_is_int(o) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            msg = f"data_offsets {offsets!r} is not a [begin, end] pair"
-            raise HeaderError(msg, file=path, key=key)
+            msg = f"data_offsets {_short(offsets)} is not a [begin, end] pair of integers with 0 <= begin <= end"
+            raise BadOffsetsError(msg, file=path, key=key)
         begin, end = offsets
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if end - begin != expected:
             msg = f"shape {shape} x {dtype} needs {expected} bytes but data_offsets span {end - begin}"
-            raise HeaderError(msg, file=path, key=key)
-        if end > data_len:
-            missing = end - data_len
-            msg = f"tensor data ends {missing} bytes past the end of the file (truncated: {missing} bytes missing)"
-            raise TruncatedFileError(msg, file=path, key=key)
+            raise ShapeMismatchError(msg, file=path, key=key)
         tensors[key] = TensorInfo(key, dtype, tuple(shape), data_start + begin, data_start + end)
         spans.append((begin, end, key))
+
+    if spans:
+        last_end, last_key = max((end, key) for _, end, key in spans)
+        if last_end > data_len:
+            msg = (
+                f"file is truncated: its tensor data needs {last_end} bytes but only {data_len} are there "
+                f"({last_end - data_len} bytes missing)"
+            )
+            raise TruncatedDataError(msg, file=path, key=last_key)
 
     spans.sort()
     prev_end, prev_key = 0, None
     for begin, end, key in spans:
-        if begin < prev_end:
-            msg = f"data overlaps tensor {prev_key!r}"
-            raise HeaderError(msg, file=path, key=key)
-        prev_end, prev_key = end, key
+        if begin < prev_end and end > begin:
+            msg = f"tensor data overlaps the bytes of tensor {prev_key!r}"
+            raise OverlappingDataError(msg, file=path, key=key)
+        if end > prev_end:
+            prev_end, prev_key = end, key
     return Header(path=path, tensors=tensors, metadata=metadata, data_start=data_start, file_size=file_size)
+
+
+# safetensors dtypes lorafmt does not decode (sub-byte and exotic types no LoRA uses).
+_UNSUPPORTED_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "C64", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = value if isinstance(value, str) and limit > 60 else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _reject_constant(name: str) -> None:
@@ -293,9 +412,7 @@ def _copy_range(src: int, dst: int, offset: int, count: int, entry: WriteEntry) 
                 continue
         else:
             chunk = os.pread(src, min(remaining, 1 << 24), pos)
-            n = os.write(dst, chunk) if chunk else 0
-            if n != len(chunk):
-                os.lseek(dst, n - len(chunk), os.SEEK_CUR)
+            n = os.write(dst, chunk) if chunk else 0  # a short write advances by n; the loop goes on from there
         if n <= 0:
             msg = f"source ended early: {remaining} bytes missing"
             raise TruncatedFileError(msg, file=entry.src_path, key=entry.key)
@@ -312,9 +429,16 @@ def write_safetensors(
     """
     entries = sorted(entries, key=lambda e: e.key)
     header = build_header(entries, metadata)
-    with atomic_output(Path(path), force=force) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(header)
-            write_entries(fh, entries)
-            fh.flush()
-            os.fsync(fh.fileno())
+    try:
+        with atomic_output(Path(path), force=force) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(header)
+                write_entries(fh, entries)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except OSError as exc:
+        if isinstance(exc, LorafmtError):
+            raise
+        # Disk full, quota, permissions, a source vanishing mid-copy: the temp file is gone, DST untouched.
+        msg = f"writing failed, nothing was written: {exc.strerror or exc}"
+        raise OutputWriteError(msg, file=str(path)) from exc

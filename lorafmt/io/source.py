@@ -5,19 +5,22 @@ Building a source reads headers only; tensors stay lazy :class:`~lorafmt.schema.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from lorafmt.errors import HeaderError, SourceError
+from lorafmt.errors import HeaderError, PickleFileError, SourceError
 from lorafmt.io.safetensors_io import read_header
 from lorafmt.schema import TensorRef
 
-__all__ = ["Source", "open_source", "source_from_mapping"]
+__all__ = ["Source", "open_source", "source_from_mapping", "pickle_loading"]
 
 # Sidecar files a folder source keeps (PEFT configs and similar); anything bigger is ignored.
 _SIDECAR_MAX_BYTES = 4_000_000
@@ -114,11 +117,18 @@ def _ref_from_value(key: str, value: Any, name: str | None) -> TensorRef:
     if mod.startswith("torch"):
         import torch  # only reached when the caller already holds torch tensors
 
-        t = value.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            raw = t.view(torch.int16).numpy().view(np.uint16)
-            return TensorRef.from_raw(key, "BF16", raw)
-        value = t.numpy()
+        try:
+            t = value.detach().cpu().contiguous()
+            if t.dtype == torch.bfloat16:
+                raw = t.view(torch.int16).numpy().view(np.uint16)
+                return TensorRef.from_raw(key, "BF16", raw)
+            fp8 = {getattr(torch, "float8_e4m3fn", None): "F8_E4M3", getattr(torch, "float8_e5m2", None): "F8_E5M2"}
+            if t.dtype in fp8:
+                return TensorRef.from_raw(key, fp8[t.dtype], t.view(torch.uint8).numpy())
+            value = t.numpy()
+        except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+            msg = f"cannot read this torch tensor ({getattr(value, 'dtype', type(value).__name__)}): {exc}"
+            raise SourceError(msg, file=name, key=key) from None
     try:
         arr = np.asarray(value)
     except Exception as exc:  # noqa: BLE001 - anything not array-like is a user error
@@ -139,8 +149,31 @@ def _ref_from_value(key: str, value: Any, name: str | None) -> TensorRef:
     raise SourceError(msg, file=name, key=key)
 
 
-def open_source(src: str | os.PathLike | Any, *, metadata: dict[str, str] | None = None, header_only: bool = False) -> Source:
+# What ``allow_pickle=None`` means: False unless a caller (the CLI's --allow-pickle) opted in for this context.
+_ALLOW_PICKLE: contextvars.ContextVar[bool] = contextvars.ContextVar("lorafmt_allow_pickle", default=False)
+
+
+@contextlib.contextmanager
+def pickle_loading(allowed: bool) -> Iterator[None]:
+    """Within the block, sources opened with ``allow_pickle=None`` may load pickles (torch weights_only only)."""
+    token = _ALLOW_PICKLE.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _ALLOW_PICKLE.reset(token)
+
+
+def open_source(
+    src: str | os.PathLike | Any,
+    *,
+    metadata: dict[str, str] | None = None,
+    allow_pickle: bool | None = None,
+    header_only: bool = False,
+) -> Source:
     """Open a path (file or folder), an ``hf://owner/repo/file[@rev]`` URL, or wrap a state dict, reading headers only.
+
+    Pickle/zip checkpoints are refused with :class:`~lorafmt.errors.PickleFileError` unless `allow_pickle`
+    (then they load through ``torch.load(weights_only=True)`` only; see :mod:`lorafmt.io.pickle_io`).
 
     `header_only`: the caller reads no tensor data besides scalars, so a hub file that is not cached may be read
     with ranged requests instead of downloaded (see :mod:`lorafmt.hub`).
@@ -155,7 +188,14 @@ def open_source(src: str | os.PathLike | Any, *, metadata: dict[str, str] | None
         path = os.fspath(src)
         if os.path.isdir(path):
             return _dir_source(path)
-        return _file_source(path)
+        try:
+            return _file_source(path)
+        except PickleFileError:
+            if not (_ALLOW_PICKLE.get() if allow_pickle is None else allow_pickle):
+                raise
+        from lorafmt.io.pickle_io import load_pickle_source
+
+        return load_pickle_source(path)
     if hasattr(src, "items"):
         return source_from_mapping(src, metadata)
     msg = f"cannot read a {type(src).__name__}; pass a path or a {{key: tensor}} mapping"

@@ -67,8 +67,17 @@ def module_params(params: Iterable[str]) -> tuple[str | None, dict[str, str]]:
     return algo.name, {p: inverse[p] for p in params if p in inverse}
 
 
-def alpha_tensor(value: float, dtype: str | None) -> TensorRef:
-    dtype = dtype or "F32"
+def alpha_tensor(value: float, dtype: str | None, like: str | None = None) -> TensorRef:
+    """An alpha scalar in `dtype`; without one, in the weights' dtype `like` when that holds it exactly
+    (sd-scripts saves alpha in the save dtype), else float32."""
+    if dtype is None:
+        dtype = "F32"
+        if like in ("F16", "BF16"):
+            from lorafmt.dtypes import from_float32, to_float32
+
+            encoded = from_float32(np.asarray([value], dtype=np.float32), like)
+            if float(to_float32(encoded, like)[0]) == float(np.float32(value)):
+                dtype = like
     return TensorRef.from_array("alpha", np.asarray(value, dtype=np.float32), dtype)
 
 
@@ -104,14 +113,12 @@ def assemble(
         if algo_name is None:
             for param, ref in parts.params.items():
                 unplaced[ref.key] = ref
-            issues.append(
-                issue(
-                    "R001",
-                    f"no algorithm explains parameters {sorted(parts.params)}",
-                    key=next(iter(parts.params.values())).key,
-                    module=parts.path,
-                )
-            )
+            if set(parts.params) <= set(EXTRA_PARAMS):
+                # e.g. an `alpha` whose lora_down/lora_up were deleted or renamed
+                message = f"{' and '.join(sorted(parts.params))} with no weights: module {parts.raw_name!r} has no adapter tensors"
+            else:
+                message = f"no algorithm explains parameters {sorted(parts.params)}"
+            issues.append(issue("R001", message, key=next(iter(parts.params.values())).key, module=parts.path))
             continue
         tensors = {role: parts.params[p] for p, role in roles.items()}
         alpha = alpha_dtype = None
@@ -141,15 +148,18 @@ def assemble(
         for p in sorted(leftovers):
             unplaced[parts.params[p].key] = parts.params[p]
         problems = get_algorithm(algo_name).check(module)
+        empty = sorted(role for role, ref in tensors.items() if ref.numel == 0)
+        if empty and not problems:
+            problems = [f"empty {'/'.join(empty)} tensor(s): shapes {[list(tensors[r].shape) for r in empty]}"]
         if problems:
             for prob in problems:
                 code = "R002" if prob.startswith("missing") else "R003"
                 issues.append(issue(code, prob, key=next(iter(parts.params.values())).key, module=parts.path))
-            if any(p.startswith("missing") for p in problems):
-                # An orphan half cannot make a weight change: keep its keys visible, not as a module.
-                for ref in parts.params.values():
-                    unplaced[ref.key] = ref
-                continue
+            # An orphan half, mismatched ranks or non-matrix factors cannot make a weight change: keep the keys
+            # visible (unplaced) and the finding (issues), never a module that diff/fuse/write would compute with.
+            for ref in parts.params.values():
+                unplaced[ref.key] = ref
+            continue
         if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
             issues.append(
                 issue("R004", f"alpha {alpha} is not a positive finite number", key=parts.params["alpha"].key, module=parts.path)

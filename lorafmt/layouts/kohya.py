@@ -166,7 +166,7 @@ class KohyaLayout(Layout):
                 param = algo.param_names[role]
                 out.tensors[f"{name}.{param}"] = ref.renamed(f"{name}.{param}")
             if module.alpha is not None:
-                out.tensors[f"{name}.alpha"] = alpha_tensor(module.alpha, module.alpha_dtype).renamed(f"{name}.alpha")
+                out.tensors[f"{name}.alpha"] = alpha_tensor(module.alpha, module.alpha_dtype, next(iter(module.tensors.values())).dtype).renamed(f"{name}.alpha")
             if module.dora_scale is not None:
                 out.tensors[f"{name}.dora_scale"] = module.dora_scale.renamed(f"{name}.dora_scale")
             for extra, ref in module.extras.items():

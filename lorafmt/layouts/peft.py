@@ -82,7 +82,6 @@ class PeftLayout(Layout):
         families=frozenset({"sd1", "sd2", "sdxl", "sd3", "flux1"}),
         components=frozenset(COMPONENTS),
         directory=True,
-        metadata=False,
     )
 
     def sniff(self, source: Source) -> Match | None:
@@ -157,12 +156,15 @@ class PeftLayout(Layout):
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         family = options.family or lora.family
         plan = WritePlan(directory=True)
+        # PEFT itself only writes format=pt; the source's metadata rides along in each header (PEFT ignores it).
+        metadata = {k: v for k, v in lora.metadata.items() if k != "lora_adapter_metadata"}
+        metadata["format"] = "pt"
         per_component: dict[str, dict[str, tuple[int, float]]] = {}
         flags: dict[str, dict[str, bool]] = {}
         for path, module in lora.modules.items():
             component, rel = path.split(".", 1)
             key_rel = rel[len("text_model.") :] if component.startswith("text_encoder") and rel.startswith("text_model.") else rel
-            out = plan.files.setdefault(f"{component}/adapter_model.safetensors", PlannedFile(metadata={"format": "pt"}))
+            out = plan.files.setdefault(f"{component}/adapter_model.safetensors", PlannedFile(metadata=metadata))
             base = f"base_model.model.{key_rel}"
             out.tensors[f"{base}.lora_A.weight"] = linear_factor(module.tensors["down"], path, family).renamed(f"{base}.lora_A.weight")
             out.tensors[f"{base}.lora_B.weight"] = linear_factor(module.tensors["up"], path, family).renamed(f"{base}.lora_B.weight")
