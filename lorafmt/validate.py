@@ -472,6 +472,8 @@ def check_shapes(ctx: Context) -> Iterator[Finding]:
 
 @rule("V104", "rank-mismatch", "error", "a module's factors disagree with each other (up/down rank)")
 def check_rank(ctx: Context) -> Iterator[Finding]:
+    # The reader keeps modules whose factors disagree out of `modules` (an R003 issue): report those first.
+    yield from _from_read_issues(ctx, "V104")
     for path, module in ctx.lora.modules.items():
         if module.algorithm == "lora":
             down, up = module.tensors.get("down"), module.tensors.get("up")
