@@ -4,8 +4,8 @@ conversion makes them stale, and the weights-only hashes recomputed after writin
 * :class:`KnownMetadata` — the typed view (architecture, title, trigger words, resolution, network
   module/dim/alpha/args, base model version, hashes, ...). Values that do not parse are kept out of the typed
   fields and listed in ``problems``; the raw metadata itself is never changed by reading.
-* :func:`refresh_metadata` — before writing: rewrite the keys a conversion makes stale (``modelspec.architecture``,
-  ``ss_base_model_version``, ``ss_v2``, ``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha``) and drop
+* :func:`refresh_metadata` — before writing: rewrite the keys a conversion makes stale (``modelspec.architecture``
+  and ``.implementation``, ``ss_base_model_version``, ``ss_v2``, ``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha``) and drop
   the hash keys, whose values belong to the old bytes. Keys that were absent are not invented.
 * :func:`recompute_hashes` / :func:`update_file_hashes` — after writing: the hashes of the new file.
 
@@ -76,6 +76,13 @@ _ARCH_PREFIX_BY_FAMILY = {
 # ss_base_model_version per family (sd-scripts model_util / sdxl_model_util / flux_utils).
 _BASE_VERSION_BY_FAMILY = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "medium", "flux1": "flux1"}
 _NETWORK_MODULE = {"sd1": "networks.lora", "sd2": "networks.lora", "sdxl": "networks.lora", "sd3": "networks.lora_sd3", "flux1": "networks.lora_flux"}
+# modelspec.implementation per family (sd-scripts sai_model_spec.determine_implementation).
+_IMPLEMENTATION_BY_FAMILY = {
+    "sd1": "diffusers",
+    "sd2": "diffusers",
+    "sdxl": "https://github.com/Stability-AI/generative-models",
+    "flux1": "https://github.com/black-forest-labs/flux",
+}
 _LYCORIS_ALGOS = {"loha", "lokr", "full", "norm", "ia3", "oft", "boft"}
 
 
@@ -321,6 +328,9 @@ def refresh_metadata(
         if arch is not None:
             base, _, suffix = arch.partition("/")
             out["modelspec.architecture"] = architecture_id(family, suffix or "lora", current=arch)
+            changed = out["modelspec.architecture"].split("/", 1)[0] != base
+            if changed and "modelspec.implementation" in out and family in _IMPLEMENTATION_BY_FAMILY:
+                out["modelspec.implementation"] = _IMPLEMENTATION_BY_FAMILY[family]
         version = out.get("ss_base_model_version")
         if version is not None:
             from lorafmt.families import family_from_metadata

@@ -58,6 +58,7 @@ KOHYA_META = {
     "ss_training_started_at": "1700000000.5",
     "modelspec.sai_model_spec": "1.0.1",
     "modelspec.architecture": "stable-diffusion-v1/lora",
+    "modelspec.implementation": "diffusers",
     "modelspec.title": "Pixel Style",
     "modelspec.trigger_phrase": "pxl, pixel art",
     "modelspec.resolution": "512x512",
@@ -116,6 +117,7 @@ def test_refresh_metadata_rewrites_only_stale_keys():
     fresh = refresh_metadata(KOHYA_META, target_layout="kohya", family="sdxl", modules=lora.modules)
     assert not set(HASH_KEYS) & set(fresh)
     assert fresh["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert fresh["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert fresh["ss_base_model_version"] == "sdxl_base_v1-0" and fresh["ss_v2"] == "False"
     assert fresh["ss_network_dim"] == "8" and fresh["ss_network_alpha"] == "4.0"
     assert fresh["modelspec.title"] == "Pixel Style" and fresh["ü-non-ascii"] == "värde"
