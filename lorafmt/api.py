@@ -6,9 +6,8 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import BaseModel, Field
 
 from lorafmt.algorithms import get_algorithm
@@ -29,6 +28,9 @@ from lorafmt.io.source import Source, open_source
 from lorafmt.layouts import get_layout
 from lorafmt.layouts._base import WriteOptions, WritePlan
 from lorafmt.schema import ConversionReport, Detection, Diagnostic, LoraFile, TensorRef
+
+if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
+    import numpy as np
 
 __all__ = ["read", "detect", "write", "convert", "diff", "inspect", "DiffReport", "ModuleDiff"]
 
@@ -303,6 +305,8 @@ def _delta_distance(ma, mb) -> tuple[float, float, float] | None:
 
     For ΔW = U·D the Frobenius inner products reduce to r×r Gram matrices: ⟨UaDa, UbDb⟩ = Σ (UaᵀUb) ∘ (DaDbᵀ).
     """
+    import numpy as np
+
     fa, fb = _low_rank(ma), _low_rank(mb)
     if fa is not None and fb is not None and fa[0].shape[0] == fb[0].shape[0] and fa[1].shape[1] == fb[1].shape[1]:
         (ua, da), (ub, db) = fa, fb
@@ -347,6 +351,8 @@ def diff(
         >>> lorafmt.diff("kohya.safetensors", "diffusers.safetensors").same  # doctest: +SKIP
         True
     """
+    import numpy as np
+
     la = a if isinstance(a, LoraFile) else read(a, family=family, allow_pickle=allow_pickle)
     lb = b if isinstance(b, LoraFile) else read(b, family=family, allow_pickle=allow_pickle)
     out: list[ModuleDiff] = []

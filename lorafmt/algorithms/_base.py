@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
+
     from lorafmt.schema import Module
 
 __all__ = ["Algorithm", "target_shape_of"]

@@ -8,9 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-import numpy as np
-
 from lorafmt.algorithms import algorithm_for_params, available_algorithms, get_algorithm
+from lorafmt.io.safetensors_io import ScalarReader
 from lorafmt.io.source import Source
 from lorafmt.schema import Diagnostic, LoraFile, Module, Provenance, TensorRef
 
@@ -80,6 +79,8 @@ def module_params(params: Iterable[str]) -> tuple[str | None, dict[str, str]]:
 def alpha_tensor(value: float, dtype: str | None, like: str | None = None) -> TensorRef:
     """An alpha scalar in `dtype`; without one, in the weights' dtype `like` when that holds it exactly
     (sd-scripts saves alpha in the save dtype), else float32."""
+    import numpy as np
+
     if dtype is None:
         dtype = "F32"
         if like in ("F16", "BF16"):
@@ -116,6 +117,11 @@ def assemble(
     read_alpha: Callable[[TensorRef], float] | None = None,
 ) -> LoraFile:
     """Turn collected parts into Modules, recording (not raising) structural problems."""
+    with ScalarReader() as scalars:
+        return _assemble(groups, source, layout, unplaced, issues, evidence, read_alpha or scalars.read)
+
+
+def _assemble(groups, source, layout, unplaced, issues, evidence, read_alpha) -> LoraFile:
     modules: dict[str, Module] = {}
     seen_raw: dict[str, str] = {}
     for parts in groups.values():
@@ -135,7 +141,7 @@ def assemble(
         if "alpha" in parts.params:
             ref = parts.params["alpha"]
             try:
-                alpha = (read_alpha or _read_scalar)(ref)
+                alpha = read_alpha(ref)
                 alpha_dtype = ref.dtype
             except ValueError as exc:
                 issues.append(issue("R004", str(exc), key=ref.key, module=parts.path))
@@ -200,9 +206,3 @@ def assemble(
     )
     return lora
 
-
-def _read_scalar(ref: TensorRef) -> float:
-    if ref.numel != 1:
-        msg = f"alpha must be a scalar, found shape {list(ref.shape)}"
-        raise ValueError(msg)
-    return float(ref.float32().reshape(-1)[0])
