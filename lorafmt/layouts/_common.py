@@ -137,6 +137,7 @@ def _assemble(groups, source, layout, unplaced, issues, evidence, read_alpha) ->
             issues.append(issue("R001", message, key=next(iter(parts.params.values())).key, module=parts.path, keys=[r.key for r in parts.params.values()]))
             continue
         tensors = {role: parts.params[p] for p, role in roles.items()}
+        algo_name = get_algorithm(algo_name).classify(tensors)  # e.g. 4-D oft_blocks are BOFT
         alpha = alpha_dtype = None
         if "alpha" in parts.params:
             ref = parts.params["alpha"]
@@ -178,7 +179,8 @@ def _assemble(groups, source, layout, unplaced, issues, evidence, read_alpha) ->
             for ref in parts.params.values():
                 unplaced[ref.key] = ref
             continue
-        if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
+        zero_ok = get_algorithm(algo_name).zero_alpha_ok  # OFT: alpha is a constraint, 0 = none
+        if alpha is not None and (not math.isfinite(alpha) or alpha < 0 or (alpha == 0 and not zero_ok)):
             issues.append(
                 issue("R004", f"alpha {alpha} is not a positive finite number", key=parts.params["alpha"].key, module=parts.path)
             )
