@@ -24,8 +24,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 __all__ = ["render_inspect", "block_stats", "BlockStat", "plot_lora", "block_of"]
 
 _COMPONENT_ORDER = {"text_encoder": 0, "text_encoder_2": 1, "text_encoder_3": 2, "unet": 3, "transformer": 3}
@@ -78,6 +76,8 @@ class BlockStat:
 
 def _delta_norm(module: Any) -> float:
     """‖ΔW‖_F, without materialising ΔW for plain LoRA: ‖U D‖² = tr((UᵀU)(D Dᵀ))."""
+    import numpy as np
+
     if module.algorithm == "lora" and "mid" not in module.tensors:
         up = module.tensors["up"].float32().reshape(module.tensors["up"].shape[0], -1).astype(np.float64)
         down = module.tensors["down"].float32().reshape(module.tensors["down"].shape[0], -1).astype(np.float64)
@@ -99,7 +99,7 @@ def block_stats(lora: Any, *, norms: bool = True) -> list[BlockStat]:
         mods = groups[block]
         ranks = [m.rank for m in mods if m.rank]
         norm = math.sqrt(sum(_delta_norm(m) ** 2 for m in mods)) if norms else 0.0
-        out.append(BlockStat(block, len(mods), float(np.mean(ranks)) if ranks else None, norm))
+        out.append(BlockStat(block, len(mods), float(statistics.fmean(ranks)) if ranks else None, norm))
     return out
 
 
@@ -126,6 +126,8 @@ def plot_lora(lora: Any, out_png: str | os.PathLike, *, title: str | None = None
         from lorafmt.api import read
 
         lora = read(lora)
+    import numpy as np
+
     stats = block_stats(lora)
     if not stats:
         raise SourceError("the LoRA has no modules to plot", file=lora.provenance.source)

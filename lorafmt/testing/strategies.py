@@ -159,9 +159,19 @@ def loras_with_layout(
 
     Extra keyword arguments go to :func:`loras`.
     """
-    fam = draw(st.sampled_from(list(families) if families else available_families()))
-    algo = algorithm or draw(st.sampled_from(available_algorithms()))
-    lay = layout or draw(layouts(algorithm=algo, family=fam))
+    fams = list(families) if families else available_families()
+    algos = [algorithm] if algorithm else available_algorithms()
+    combos = [
+        (f, a, lay)
+        for f in fams
+        for a in algos
+        for lay in ([layout] if layout else _writable_layouts(a, f))
+        if layout is None or lay in _writable_layouts(a, f)
+    ]
+    if not combos:
+        msg = f"no writable layout expresses algorithm {algorithm!r} for families {fams} (layout {layout!r})"
+        raise ValueError(msg)
+    fam, algo, lay = draw(st.sampled_from(combos))
     from lorafmt.layouts import get_layout
 
     caps = get_layout(lay).capabilities
