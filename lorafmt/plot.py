@@ -91,6 +91,8 @@ def _delta_norm(module: Any) -> float:
 def block_stats(lora: Any, *, norms: bool = True) -> list[BlockStat]:
     """Per-block module count, mean rank and ΔW norm, in model order (text encoders, then U-Net/transformer
     from input to output). `norms=False` skips reading tensor data (header only; norms are 0)."""
+    import statistics
+
     groups: dict[str, list[Any]] = {}
     for path, module in lora.modules.items():
         groups.setdefault(block_of(path), []).append(module)
