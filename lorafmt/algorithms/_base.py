@@ -79,7 +79,6 @@ class Algorithm:
         ``W + multiplier·(DoRA(W, ΔW) − W)`` (A1111/ComfyUI strength convention, see :mod:`lorafmt.algorithms.dora`).
         """
         import numpy as np
-
         base = np.asarray(base_weight, dtype=np.float32)
         if self.needs_base:
             new = self._apply_base(module, base)

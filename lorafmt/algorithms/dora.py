@@ -32,8 +32,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # numpy is imported where it is used: reading and renaming never load it
+if TYPE_CHECKING:
     import numpy as np
+
 
 __all__ = [
     "apply_dora",
@@ -44,13 +45,12 @@ __all__ = [
     "adopt_peft_magnitude",
 ]
 
-_EPS = 2.0**-23  # np.finfo(np.float32).eps, a Python float so the module imports without numpy; LyCORIS/ComfyUI add float eps to the norm; PEFT does not (difference ~1e-7)
+_EPS = 1.1920928955078125e-07  # float32 eps: LyCORIS/ComfyUI add float eps to the norm; PEFT does not (difference ~1e-7)
 
 
 def weight_norm(weight: np.ndarray, axis: str) -> np.ndarray:
     """‖W‖ per output row (``axis="out"``, shape (out, 1, …)) or per input column (``"in"``, shape (1, in, …))."""
     import numpy as np
-
     w = np.asarray(weight, dtype=np.float32)
     rest = (1,) * (w.ndim - 1)
     if axis == "out":
@@ -64,7 +64,6 @@ def weight_norm(weight: np.ndarray, axis: str) -> np.ndarray:
 
 def _broadcast_magnitude(magnitude: np.ndarray, weight_shape: tuple[int, ...], axis: str) -> np.ndarray:
     import numpy as np
-
     m = np.asarray(magnitude, dtype=np.float32).reshape(-1)
     n = weight_shape[0] if axis == "out" else weight_shape[1]
     if m.size != n:
@@ -81,7 +80,6 @@ def apply_dora(base: np.ndarray, delta: np.ndarray, magnitude: np.ndarray, axis:
     values and `axis` matter. `delta` is the algorithm's ΔW at strength 1 (scale included).
     """
     import numpy as np
-
     w = np.asarray(base, dtype=np.float32) + np.asarray(delta, dtype=np.float32).reshape(np.shape(base))
     m = _broadcast_magnitude(magnitude, w.shape, axis)
     return (w * (m / (weight_norm(w, axis) + _EPS))).astype(np.float32, copy=False)

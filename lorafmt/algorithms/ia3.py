@@ -18,12 +18,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # numpy is imported where it is used: reading and renaming never load it
-    import numpy as np
 
 from lorafmt.algorithms._base import Algorithm
 
 if TYPE_CHECKING:
+    import numpy as np
     from lorafmt.schema import Module
 
 
@@ -37,7 +36,6 @@ class IA3(Algorithm):
     @staticmethod
     def on_input(module: Module) -> bool:
         import numpy as np
-
         ref = module.tensors.get("on_input")
         return bool(ref is not None and np.asarray(ref.raw()).reshape(-1)[0])
 
@@ -46,7 +44,6 @@ class IA3(Algorithm):
 
     def _apply_base(self, module: Module, base: np.ndarray) -> np.ndarray:
         import numpy as np
-
         gain = module.tensors["weight"].float32().reshape(-1) * np.float32(module.scale)
         rest = (1,) * (base.ndim - 1)
         if self.on_input(module):
