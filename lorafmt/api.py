@@ -276,6 +276,47 @@ def module_delta(module) -> np.ndarray:
     return get_algorithm(module.algorithm).delta(module)
 
 
+def _low_rank(module):
+    algo = get_algorithm(module.algorithm)
+    factors = getattr(algo, "factors", None)
+    return factors(module) if factors is not None else None
+
+
+def _delta_distance(ma, mb) -> tuple[float, float, float] | None:
+    """(‖ΔWa‖, ‖ΔWb‖, relative error) without forming ΔW when both are low-rank products.
+
+    For ΔW = U·D the Frobenius inner products reduce to r×r Gram matrices: ⟨UaDa, UbDb⟩ = Σ (UaᵀUb) ∘ (DaDbᵀ).
+    """
+    fa, fb = _low_rank(ma), _low_rank(mb)
+    if fa is not None and fb is not None and fa[0].shape[0] == fb[0].shape[0] and fa[1].shape[1] == fb[1].shape[1]:
+        (ua, da), (ub, db) = fa, fb
+        if ua.shape == ub.shape and da.shape == db.shape and np.array_equal(ua, ub) and np.array_equal(da, db):
+            n = float(np.sqrt(np.sum((ua.T @ ua) * (da @ da.T))))
+            return n, n, 0.0
+        aa = float(np.sum((ua.T @ ua) * (da @ da.T)))
+        bb = float(np.sum((ub.T @ ub) * (db @ db.T)))
+        ab = float(np.sum((ua.T @ ub) * (da @ db.T)))
+        na, nb = math.sqrt(max(aa, 0.0)), math.sqrt(max(bb, 0.0))
+        dist = math.sqrt(max(aa + bb - 2 * ab, 0.0))
+        scale = max(na, nb)
+        if scale == 0.0:
+            return na, nb, 0.0
+        # Cancellation floor: below ~1e-7 relative the Gram form cannot resolve the difference; check exactly.
+        if dist / scale < 1e-6:
+            dense = float(np.linalg.norm(ua @ da - ub @ db))
+            return na, nb, dense / scale
+        return na, nb, dist / scale
+    da_, db_ = module_delta(ma), module_delta(mb)
+    if da_.size != db_.size:
+        return None
+    da_, db_ = da_.reshape(-1).astype(np.float64), db_.reshape(-1).astype(np.float64)
+    na, nb = float(np.linalg.norm(da_)), float(np.linalg.norm(db_))
+    err = float(np.linalg.norm(da_ - db_)) / max(na, nb, 1e-30)
+    if not math.isfinite(err):
+        err = 0.0 if np.array_equal(da_, db_, equal_nan=True) else math.inf
+    return na, nb, err
+
+
 def diff(
     a: str | os.PathLike | LoraFile | Any,
     b: str | os.PathLike | LoraFile | Any,
@@ -301,15 +342,11 @@ def diff(
         if mb is None:
             out.append(ModuleDiff(module=path, status="only_a"))
             continue
-        da, db = module_delta(ma), module_delta(mb)
-        if da.size != db.size:
+        measured = _delta_distance(ma, mb)
+        if measured is None:
             out.append(ModuleDiff(module=path, status="shape"))
             continue
-        da, db = da.reshape(-1).astype(np.float64), db.reshape(-1).astype(np.float64)
-        na, nb = float(np.linalg.norm(da)), float(np.linalg.norm(db))
-        err = float(np.linalg.norm(da - db)) / max(na, nb, 1e-30)
-        if not math.isfinite(err):
-            err = 0.0 if np.array_equal(da, db, equal_nan=True) else math.inf
+        na, nb, err = measured
         same = err <= rtol
         if same and (ma.dora_scale is None) != (mb.dora_scale is None):
             same = False

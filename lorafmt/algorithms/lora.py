@@ -51,6 +51,14 @@ class LoRA(Algorithm):
             dw = dw.reshape(base_shape)
         return dw.astype(np.float32, copy=False)
 
+    def factors(self, module: Module) -> tuple[np.ndarray, np.ndarray] | None:
+        """ΔW as a product U @ D (U: (out, r) with the scale folded in, D: (r, in·kh·kw)), or None for Tucker."""
+        if "mid" in module.tensors:
+            return None
+        up = _as_matrix(module.tensors["up"].float32()).astype(np.float64) * module.scale
+        down = _as_matrix(module.tensors["down"].float32()).astype(np.float64)
+        return up, down
+
     def weight_shape(self, module: Module) -> tuple[int, ...] | None:
         down, up = module.tensors["down"], module.tensors["up"]
         mid = module.tensors.get("mid")

@@ -47,12 +47,19 @@ def _number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def _most_common(counts: Counter, default):
+    """The most frequent value; ties go to the smallest, so the result never depends on module order."""
+    if not counts:
+        return default
+    return max(sorted(counts), key=lambda v: counts[v])
+
+
 def config_for_modules(modules: dict[str, tuple[int, float]], *, text_encoder: bool) -> dict[str, Any]:
     """``{rel path: (rank, alpha)}`` -> LoraConfig fields (r, lora_alpha, rank_pattern, alpha_pattern, target_modules)."""
     ranks = Counter(r for r, _ in modules.values())
     alphas = Counter(a for _, a in modules.values())
-    r = ranks.most_common(1)[0][0] if ranks else 8
-    alpha = alphas.most_common(1)[0][0] if alphas else r
+    r = _most_common(ranks, 8)
+    alpha = _most_common(alphas, r)
     rank_pattern = {}
     alpha_pattern = {}
     targets = []
