@@ -472,6 +472,8 @@ def check_shapes(ctx: Context) -> Iterator[Finding]:
 
 @rule("V104", "rank-mismatch", "error", "a module's factors disagree with each other (up/down rank)")
 def check_rank(ctx: Context) -> Iterator[Finding]:
+    # The reader keeps modules whose factors disagree out of lora.modules and reports them as R003 issues.
+    yield from _from_read_issues(ctx, "V104")
     for path, module in ctx.lora.modules.items():
         if module.algorithm == "lora":
             down, up = module.tensors.get("down"), module.tensors.get("up")
@@ -503,6 +505,7 @@ def _algorithm_problems(module: Module) -> list[str]:
 
 @rule("V105", "alpha-invalid", "error", "alpha that is not a positive finite scalar (absent is fine)")
 def check_alpha(ctx: Context) -> Iterator[Finding]:
+    yield from _from_read_issues(ctx, "V105")  # R004: an alpha the reader could not use (not a scalar, ...)
     for path, module in ctx.lora.modules.items():
         alpha = module.alpha
         if alpha is None:

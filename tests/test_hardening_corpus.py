@@ -38,6 +38,9 @@ STRUCTURAL_CASES = sorted(n for n, i in MANIFEST.items() if i["description"].sta
 VALID_CASES = sorted(n for n, i in MANIFEST.items() if i["error"] == "none")
 
 
+HAS_VALIDATE = importlib.util.find_spec("lorafmt.cli_validate") is not None
+
+
 def expected(name: str) -> type[E.LorafmtError]:
     return getattr(E, MANIFEST[name]["error"])
 
@@ -135,6 +138,18 @@ def test_structural_problems_are_findings_for_inspect_and_diff(name, capsys):
     assert "issue" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not HAS_VALIDATE, reason="lorafmt.validate not present")
+@pytest.mark.parametrize("name", STRUCTURAL_CASES)
+def test_structural_problems_are_validate_findings(name, capsys):
+    path = BROKEN / name
+    rc = main(["validate", str(path), "--family", "sd1", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    lora = lorafmt.read(path)
+    issue = next(d for d in lora.issues if d.severity == "error")
+    assert issue.message in out
+
+
 def test_duplicate_spellings_keep_the_first_and_report_the_second():
     lora = lorafmt.read(BROKEN / "duplicate_spelling_sdxl.safetensors")
     path = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -165,6 +180,8 @@ def test_cli_in_process(name, tmp_path, capsys):
     commands = [["convert", path, "--to", "diffusers", "-o", str(out), "--force"]]
     if name not in STRUCTURAL_CASES:  # structural problems are findings for inspect/diff, errors for convert
         commands += [["inspect", path], ["inspect", path, "--json"], ["diff", path, path]]
+        if HAS_VALIDATE:
+            commands += [["validate", path, "--family", "sd1"], ["validate", path, "--family", "sdxl", "--check-values"]]
     for argv in commands:
         rc = main(argv)
         cap = capsys.readouterr()

@@ -41,8 +41,18 @@ def KNOWN_PARAMS() -> frozenset[str]:  # noqa: N802 - a computed constant
     return frozenset(lycoris_param_to_role()) | frozenset(EXTRA_PARAMS)
 
 
-def issue(code: str, message: str, *, key: str | None = None, module: str | None = None, severity: str = "error") -> Diagnostic:
-    return Diagnostic(code=code, severity=severity, message=message, key=key, module=module)
+def issue(
+    code: str,
+    message: str,
+    *,
+    key: str | None = None,
+    module: str | None = None,
+    severity: str = "error",
+    keys: list[str] | None = None,
+) -> Diagnostic:
+    """A structural finding; `keys` lists every raw key it explains (they end up in ``LoraFile.unplaced``)."""
+    data = {"keys": sorted(keys)} if keys else {}
+    return Diagnostic(code=code, severity=severity, message=message, key=key, module=module, data=data)
 
 
 class ModuleParts:
@@ -118,7 +128,8 @@ def assemble(
                 message = f"{' and '.join(sorted(parts.params))} with no weights: module {parts.raw_name!r} has no adapter tensors"
             else:
                 message = f"no algorithm explains parameters {sorted(parts.params)}"
-            issues.append(issue("R001", message, key=next(iter(parts.params.values())).key, module=parts.path))
+            keys = [r.key for r in parts.params.values()]
+            issues.append(issue("R001", message, key=keys[0], module=parts.path, keys=keys))
             continue
         tensors = {role: parts.params[p] for p, role in roles.items()}
         alpha = alpha_dtype = None
@@ -154,7 +165,8 @@ def assemble(
         if problems:
             for prob in problems:
                 code = "R002" if prob.startswith("missing") else "R003"
-                issues.append(issue(code, prob, key=next(iter(parts.params.values())).key, module=parts.path))
+                keys = [r.key for r in parts.params.values()]
+                issues.append(issue(code, prob, key=keys[0], module=parts.path, keys=keys))
             # An orphan half, mismatched ranks or non-matrix factors cannot make a weight change: keep the keys
             # visible (unplaced) and the finding (issues), never a module that diff/fuse/write would compute with.
             for ref in parts.params.values():
@@ -171,6 +183,7 @@ def assemble(
                     f"module spelled twice: {seen_raw[parts.path]!r} and {parts.raw_name!r}",
                     key=parts.raw_name,
                     module=parts.path,
+                    keys=[r.key for r in parts.params.values()],
                 )
             )
             for ref in parts.params.values():
