@@ -203,17 +203,12 @@ def test_cli_subprocess(tmp_path):
     names = [
         "empty.safetensors",
         "truncated.safetensors",
-        "header_past_eof.safetensors",
-        "header_trailing_garbage.safetensors",
         "duplicate_key.safetensors",
-        "offsets_overlap.safetensors",
         "lfs_pointer.safetensors",
         "renamed_zip.safetensors",
         "sd_checkpoint.safetensors",
         "ti_sdxl.safetensors",
-        "vae_ldm.safetensors",
         "orphan_up.safetensors",
-        "duplicate_spelling_te.safetensors",
     ]
     outs = {n: tmp_path / f"{i}" / "out.safetensors" for i, n in enumerate(names)}
     for out in outs.values():
