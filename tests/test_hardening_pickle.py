@@ -83,7 +83,7 @@ def test_refused_by_default_with_a_message_that_says_what_it_is(hostile):
                 verb(path)
             assert not isinstance(info.value, E.UnsafePickleError)
             text = str(info.value)
-            assert ("zip archive" in text or "Python pickle" in text) and str(path) in text
+            assert ("torch.save (a zip holding a pickle)" in text or "Python pickle" in text) and str(path) in text
             assert "--allow-pickle" in info.value.hint
     assert not marker.exists()
 
@@ -226,6 +226,20 @@ def test_zip_that_is_not_a_torch_checkpoint(tmp_path):
     src = tmp_path / "lora.zip"
     with zipfile.ZipFile(src, "w") as zf:
         zf.writestr("lora.safetensors", b"not really")
+    for allow in (False, True):
+        with pytest.raises(E.NotSafetensorsError, match=r"zip archive \(lora.safetensors\)") as info:
+            lorafmt.read(src, allow_pickle=allow)
+        assert not isinstance(info.value, E.PickleFileError) and "unzip" in info.value.hint
+
+
+def test_zip_with_a_pickle_that_torch_cannot_load(tmp_path):
+    import zipfile
+
+    src = tmp_path / "weird.pt"
+    with zipfile.ZipFile(src, "w") as zf:
+        zf.writestr("weird/data.pkl", b"\x80\x02}q\x00.")
+    with pytest.raises(E.PickleFileError):
+        lorafmt.read(src)
     with pytest.raises(E.PickleFileError, match="not a loadable torch checkpoint"):
         lorafmt.read(src, allow_pickle=True)
 
