@@ -107,6 +107,9 @@ def test_structural_findings_carry_codes():
     codes = {
         "fuzz_scalar_factor.safetensors": "R003",
         "fuzz_empty_rank.safetensors": "R003",
+        "fuzz_3d_factor.safetensors": "R003",
+        "fuzz_config_alpha_string.safetensors": "R004",
+        "fuzz_config_alpha_pattern_list.safetensors": "R004",
         "orphan_up.safetensors": "R002",
         "rank_mismatch.safetensors": "R003",
         "alpha_only.safetensors": "R001",
@@ -119,7 +122,10 @@ def test_structural_findings_carry_codes():
         found = [d for d in lora.issues if d.severity == "error"]
         assert [d.code for d in found] == [code], (name, found)
         assert found[0].module and found[0].key
-        if code == "R005":  # the first spelling is kept, the second one's keys stay visible
+        if code == "R004":  # an unusable config alpha: the module stays, its scale is unknown
+            assert found[0].module in lora.modules and lora.modules[found[0].module].alpha is None
+            assert found[0].key == "__metadata__.lora_adapter_metadata"
+        elif code == "R005":  # the first spelling is kept, the second one's keys stay visible
             assert found[0].module in lora.modules and any(k.startswith(found[0].key) for k in lora.unplaced)
         else:  # a broken module is never a module that diff/fuse/write would compute with; its keys stay visible
             assert found[0].key in lora.unplaced and found[0].module not in lora.modules

@@ -24,7 +24,7 @@ from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
 from lorafmt.layouts._common import ModuleParts, assemble, issue
 from lorafmt.naming.shapes import linear_factor
-from lorafmt.naming.peft_config import canonical_alpha, config_for_modules, pattern_value
+from lorafmt.naming.peft_config import config_alpha, config_for_modules
 from lorafmt.schema import LoraFile, TensorRef
 
 __all__ = ["LAYOUT", "DiffusersLayout", "METADATA_KEY"]
@@ -86,8 +86,10 @@ class DiffusersLayout(Layout):
             component, rel = path.split(".", 1)
             cfg = configs.get(component)
             if cfg is not None and module.rank:
-                alpha = pattern_value(cfg.get("alpha_pattern"), rel, cfg.get("lora_alpha", module.rank))
-                module.alpha = float(canonical_alpha(float(alpha), module.rank, bool(cfg.get("use_rslora"))))
+                try:
+                    module.alpha = config_alpha(cfg, rel, module.rank)
+                except ValueError as exc:  # a hand-edited or hostile config: the scale is unknown, say so
+                    lora.issues.append(issue("R004", str(exc), key=f"__metadata__.{METADATA_KEY}", module=path))
         fam, fam_evidence = (family, ["given"]) if family else detect_family(lora)
         lora.family = fam
         lora.provenance.evidence = fam_evidence
