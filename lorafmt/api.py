@@ -6,9 +6,8 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import BaseModel, Field
 
 from lorafmt.algorithms import get_algorithm
@@ -29,6 +28,9 @@ from lorafmt.io.source import Source, open_source
 from lorafmt.layouts import get_layout
 from lorafmt.layouts._base import WriteOptions, WritePlan
 from lorafmt.schema import ConversionReport, Detection, Diagnostic, LoraFile, TensorRef
+
+if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
+    import numpy as np
 
 __all__ = ["read", "detect", "write", "convert", "diff", "inspect", "DiffReport", "ModuleDiff"]
 
@@ -88,35 +90,90 @@ def read(
 # ------------------------------------------------------------------------------------------- writing
 
 
-def _check_expressible(lora: LoraFile, layout_name: str, allow_lossy: bool) -> tuple[LoraFile, list[Diagnostic]]:
-    caps = get_layout(layout_name).capabilities
+def _check_expressible(
+    lora: LoraFile, layout_name: str, allow_lossy: bool, approx_rank: int | None = None, dtype: str | None = None
+) -> tuple[LoraFile, list[Diagnostic]]:
+    """Refuse (or, when lossy is allowed, drop or approximate) what `layout_name` cannot express.
+
+    With ``allow_lossy`` and ``approx_rank``, modules refused for their algorithm (LoHa/LoKr/full/Tucker/...)
+    are replaced by a rank-``approx_rank`` LoRA from the truncated SVD of their ΔW; each gets a ``W003`` note
+    whose ``data`` holds ``rel_error`` (‖ΔW − ΔW_R‖ / ‖ΔW‖ of the stored factors), ``rank`` and ``from_algorithm``.
+    """
+    lay = get_layout(layout_name)
+    caps = lay.capabilities
     if not caps.writable:
         msg = f"layout {layout_name!r} is read-only"
         raise UnsupportedFeatureError(msg)
-    problems: dict[str, str] = {}
-    for path, m in lora.modules.items():
-        if m.algorithm not in caps.algorithms:
-            problems[path] = f"algorithm {m.algorithm!r} is not expressible in {layout_name}"
-        elif "mid" in m.tensors and not caps.tucker:
-            problems[path] = f"Tucker (lora_mid) factors are not expressible in {layout_name}"
-        elif m.dora_scale is not None and m.dora_axis not in caps.dora_axes:
-            problems[path] = f"DoRA magnitude on the {m.dora_axis} axis is not expressible in {layout_name}"
-        elif "bias" in m.tensors and not caps.lora_bias:
-            problems[path] = f"LoRA bias (lora_B.bias) is not expressible in {layout_name}"
-        elif m.component not in caps.components:
-            problems[path] = f"component {m.component!r} is not expressible in {layout_name}"
-    notes = []
+    problems, algorithmic = _expressibility_problems(lora, layout_name)
+    notes: list[Diagnostic] = []
     if not problems:
         return lora, notes
     if not allow_lossy:
         first = sorted(problems)[:5]
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         msg = f"{len(problems)} modules cannot be written as {layout_name}: " + "; ".join(f"{p}: {problems[p]}" for p in first) + more
-        raise LossyConversionError(msg, module=first[0], hint="pass --allow-lossy to drop them (each is reported)")
+        hint = "pass --allow-lossy to drop them (each is reported)"
+        if algorithmic:
+            hint = "pass --allow-lossy --approx-rank R to approximate them as rank-R LoRA (each error is reported), or --allow-lossy to drop them"
+        raise LossyConversionError(msg, module=first[0], hint=hint)
+    modules = dict(lora.modules)
+    if approx_rank is not None:
+        from lorafmt.algorithms.svd import approximate_as_lora
+
+        for path in sorted(algorithmic):
+            old = modules[path]
+            try:
+                new, err = approximate_as_lora(old, approx_rank, dtype=dtype)
+            except UnsupportedFeatureError as exc:
+                notes.append(Diagnostic(code="W001", severity="warning", message=f"dropped: {problems[path]}; {exc.message}", module=path))
+                del modules[path]
+                continue
+            modules[path] = new
+            notes.append(
+                Diagnostic(
+                    code="W003",
+                    severity="warning",
+                    message=f"approximated {old.algorithm} as rank-{new.rank} LoRA (relative error {err:.3g}): {problems[path]}",
+                    module=path,
+                    data={"rel_error": err, "rank": new.rank, "from_algorithm": old.algorithm},
+                )
+            )
+        lora = lora.model_copy(update={"modules": modules})
+        problems, _ = _expressibility_problems(lora, layout_name)
     kept = {p: m for p, m in lora.modules.items() if p not in problems}
     for path, why in sorted(problems.items()):
         notes.append(Diagnostic(code="W001", severity="warning", message=f"dropped: {why}", module=path))
     return lora.model_copy(update={"modules": kept}), notes
+
+
+def _expressibility_problems(lora: LoraFile, layout_name: str) -> tuple[dict[str, str], set[str]]:
+    """(module -> why it cannot be written, the modules refused for their algorithm, i.e. approximable)."""
+    lay = get_layout(layout_name)
+    caps = lay.capabilities
+    problems: dict[str, str] = {}
+    algorithmic: set[str] = set()
+    for path, m in lora.modules.items():
+        if m.algorithm not in caps.algorithms:
+            problems[path] = f"algorithm {m.algorithm!r} is not expressible in {layout_name}"
+            algorithmic.add(path)
+        elif "mid" in m.tensors and not caps.tucker:
+            problems[path] = f"Tucker (lora_mid) factors are not expressible in {layout_name}"
+            algorithmic.add(path)
+        elif m.dora_scale is not None and m.dora_axis not in caps.dora_axes:
+            problems[path] = f"DoRA magnitude on the {m.dora_axis} axis is not expressible in {layout_name}"
+            if m.dora_axis == "in":
+                problems[path] += " (it normalises per input column; PEFT/diffusers normalise per output row)"
+        elif "bias" in m.tensors and not caps.lora_bias:
+            problems[path] = f"LoRA bias (lora_B.bias) is not expressible in {layout_name}"
+        elif m.component not in caps.components:
+            problems[path] = f"component {m.component!r} is not expressible in {layout_name}"
+    # layout-specific rules (e.g. PEFT: one adapter type per component, LoKr factor shapes its config can rebuild)
+    refusals = getattr(lay, "refusals", None)
+    if refusals is not None:
+        for path, why in refusals({p: m for p, m in lora.modules.items() if p not in problems}).items():
+            problems[path] = why
+            algorithmic.add(path)
+    return problems, algorithmic
 
 
 def _entry(key: str, ref: TensorRef, dtype: str | None) -> tuple[WriteEntry, bool]:
@@ -166,15 +223,21 @@ def write(
     dtype: str | None = None,
     allow_lossy: bool = False,
     force: bool = True,
+    approx_rank: int | None = None,
 ) -> ConversionReport:
     """Write a canonical LoRA in `layout` (a file, or a folder for ``peft``), atomically.
 
+    With ``allow_lossy=True, approx_rank=R``, modules the layout cannot express (LoHa, LoKr, full, Tucker, ...)
+    are approximated as rank-R LoRA; the report's ``W003`` notes give each module's relative error.
+
     Example:
         >>> lorafmt.write(lora, "out.safetensors", layout="diffusers")  # doctest: +SKIP
+        >>> r = lorafmt.write(loha, "out.safetensors", layout="diffusers", allow_lossy=True, approx_rank=16)  # doctest: +SKIP
+        >>> [n.data["rel_error"] for n in r.notes if n.code == "W003"]  # doctest: +SKIP
     """
     lay = get_layout(layout)
     dtype = _norm_dtype(dtype)
-    lora, notes = _check_expressible(lora, lay.name, allow_lossy)
+    lora, notes = _check_expressible(lora, lay.name, allow_lossy, approx_rank=approx_rank, dtype=dtype)
     plan = lay.plan(lora, WriteOptions(family=family, allow_lossy=allow_lossy))
     report = ConversionReport(
         source=lora.provenance.source,
@@ -213,6 +276,7 @@ def convert(
     strict: bool = True,
     force: bool = False,
     allow_pickle: bool | None = None,
+    approx_rank: int | None = None,
 ) -> ConversionReport:
     """Convert a LoRA to another layout. Refuses unplaced keys, structural errors and lossy writes by default.
 
@@ -241,7 +305,9 @@ def convert(
     if lora.unplaced and not strict:
         for key in sorted(lora.unplaced):
             notes.append(Diagnostic(code="W002", severity="warning", message="dropped unplaced key", key=key))
-    report = write(lora, dst, layout=to, family=family, dtype=dtype, allow_lossy=allow_lossy or not strict, force=force)
+    report = write(
+        lora, dst, layout=to, family=family, dtype=dtype, allow_lossy=allow_lossy or not strict, force=force, approx_rank=approx_rank
+    )
     report.notes = [*notes, *report.notes]
     return report
 
@@ -272,8 +338,17 @@ class DiffReport(BaseModel):
 
 
 def module_delta(module) -> np.ndarray:
-    """ΔW of one module in float32, scale included (DoRA magnitude not applied: it needs the base weight)."""
-    return get_algorithm(module.algorithm).delta(module)
+    """ΔW of one module in float32, scale included (DoRA magnitude not applied: it needs the base weight).
+
+    For algorithms whose effect depends on the base weight (IA3, OFT) the parameters themselves are returned
+    (flattened, alpha appended): equal parameters mean an equal effect on any base.
+    """
+    algo = get_algorithm(module.algorithm)
+    if algo.needs_base:
+        parts = [module.tensors[r].float32().reshape(-1) for r in sorted(module.tensors)]
+        parts.append(np.asarray([module.alpha or 0.0], dtype=np.float32))
+        return np.concatenate(parts)
+    return algo.delta(module)
 
 
 def _low_rank(module):
@@ -287,6 +362,8 @@ def _delta_distance(ma, mb) -> tuple[float, float, float] | None:
 
     For ΔW = U·D the Frobenius inner products reduce to r×r Gram matrices: ⟨UaDa, UbDb⟩ = Σ (UaᵀUb) ∘ (DaDbᵀ).
     """
+    import numpy as np
+
     fa, fb = _low_rank(ma), _low_rank(mb)
     if fa is not None and fb is not None and fa[0].shape[0] == fb[0].shape[0] and fa[1].shape[1] == fb[1].shape[1]:
         (ua, da), (ub, db) = fa, fb
@@ -331,6 +408,8 @@ def diff(
         >>> lorafmt.diff("kohya.safetensors", "diffusers.safetensors").same  # doctest: +SKIP
         True
     """
+    import numpy as np
+
     la = a if isinstance(a, LoraFile) else read(a, family=family, allow_pickle=allow_pickle)
     lb = b if isinstance(b, LoraFile) else read(b, family=family, allow_pickle=allow_pickle)
     out: list[ModuleDiff] = []

@@ -81,6 +81,12 @@ def _add_convert(sub) -> None:
     p.add_argument("--family", help="base-model family (sd1, sd2, sdxl, sd3, flux1) when detection can't tell")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="cast float tensors on write")
     p.add_argument("--allow-lossy", action="store_true", help="drop what the target cannot express, reporting each loss")
+    p.add_argument(
+        "--approx-rank",
+        type=int,
+        metavar="R",
+        help="with --allow-lossy: approximate modules the target cannot express (LoHa, LoKr, full, Tucker) as rank-R LoRA by truncated SVD; the report gives each module's relative error",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--json", action="store_true", help="print the conversion report as JSON")
     p.set_defaults(func=_run_convert)
@@ -98,6 +104,7 @@ def _run_convert(args) -> int:
         dtype=args.dtype,
         allow_lossy=args.allow_lossy,
         force=args.force,
+        approx_rank=args.approx_rank,
     )
     if args.json:
         _print_json(report.model_dump())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
+    import numpy as np
 
 __all__ = ["DTYPE_SIZES", "FLOAT_DTYPES", "to_float32", "from_float32", "numpy_dtype", "CLI_DTYPES"]
 
@@ -32,31 +35,35 @@ FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"})
 CLI_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 _NUMPY = {
-    "BOOL": np.bool_,
-    "U8": np.uint8,
-    "I8": np.int8,
-    "I16": np.int16,
-    "U16": np.uint16,
-    "F16": np.float16,
-    "I32": np.int32,
-    "U32": np.uint32,
-    "F32": np.float32,
-    "I64": np.int64,
-    "U64": np.uint64,
-    "F64": np.float64,
+    "BOOL": "?",
+    "U8": "u1",
+    "I8": "i1",
+    "I16": "<i2",
+    "U16": "<u2",
+    "F16": "<f2",
+    "I32": "<i4",
+    "U32": "<u4",
+    "F32": "<f4",
+    "I64": "<i8",
+    "U64": "<u8",
+    "F64": "<f8",
 }
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
     """The little-endian numpy dtype that holds `dtype` exactly (bf16 and fp8 as raw unsigned ints)."""
+    import numpy as np
+
     if dtype == "BF16":
         return np.dtype("<u2")
     if dtype in ("F8_E5M2", "F8_E4M3"):
         return np.dtype("u1")
-    return np.dtype(_NUMPY[dtype]).newbyteorder("<")
+    return np.dtype(_NUMPY[dtype])
 
 
 def _fp8_table(dtype: str) -> np.ndarray:
+    import numpy as np
+
     codes = np.arange(256, dtype=np.uint32)
     sign = np.where(codes & 0x80, -1.0, 1.0)
     if dtype == "F8_E4M3":  # e4m3fn: bias 7, no infinities, 0x7f/0xff are NaN
@@ -74,6 +81,8 @@ def _fp8_table(dtype: str) -> np.ndarray:
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Decode an array read with :func:`numpy_dtype` into float32 (exact for every float dtype but F64)."""
+    import numpy as np
+
     if dtype == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
     if dtype in ("F8_E5M2", "F8_E4M3"):
@@ -83,6 +92,8 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
 
 def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     """Encode float32 values as `dtype` (round to nearest even), ready for ``tobytes()``."""
+    import numpy as np
+
     values = np.ascontiguousarray(values, dtype=np.float32)
     if dtype == "BF16":
         bits = values.view(np.uint32).astype(np.uint64)

@@ -16,12 +16,14 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from lorafmt.dtypes import DTYPE_SIZES, FLOAT_DTYPES, from_float32, numpy_dtype, to_float32
+
+if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
+    import numpy as np
 
 __all__ = [
     "TensorRef",
@@ -70,6 +72,8 @@ class TensorRef(BaseModel):
     @classmethod
     def from_array(cls, key: str, array: np.ndarray, dtype: str | None = None) -> TensorRef:
         """Wrap an in-memory float array; it is stored (and later written) as `dtype` (default: F32)."""
+        import numpy as np
+
         dtype = dtype or _dtype_of(array)
         ref = cls(key=key, dtype=dtype, shape=tuple(int(d) for d in array.shape))
         if dtype in FLOAT_DTYPES and dtype not in ("F8_E5M2", "F8_E4M3"):
@@ -82,6 +86,8 @@ class TensorRef(BaseModel):
     @classmethod
     def from_raw(cls, key: str, dtype: str, raw: np.ndarray) -> TensorRef:
         """Wrap an array already encoded as `dtype` (as :func:`lorafmt.dtypes.numpy_dtype` holds it)."""
+        import numpy as np
+
         ref = cls(key=key, dtype=dtype, shape=tuple(int(d) for d in raw.shape))
         object.__setattr__(ref, "_array", np.ascontiguousarray(raw))
         return ref
@@ -93,6 +99,8 @@ class TensorRef(BaseModel):
         if self.file is None or self.offset is None:
             msg = f"tensor {self.key} has no data"
             raise ValueError(msg)
+        import numpy as np
+
         with open(self.file, "rb") as fh:
             fh.seek(self.offset)
             data = fh.read(self.nbytes)
@@ -108,7 +116,23 @@ class TensorRef(BaseModel):
         return to_float32(self.raw(), self.dtype)
 
     def tobytes(self) -> bytes:
+        import numpy as np
+
         return np.ascontiguousarray(self.raw()).tobytes()
+
+    def scalar(self) -> float:
+        """The value of a one-element tensor (an alpha) as a float; reads only its bytes, without numpy."""
+        from lorafmt.io.safetensors_io import decode_scalar
+
+        if self.numel != 1:
+            msg = f"expected a scalar, found shape {list(self.shape)}"
+            raise ValueError(msg)
+        if self._array is not None or self.file is None or self.offset is None:
+            return float(self.float32().reshape(-1)[0])
+        with open(self.file, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read(self.nbytes)
+        return decode_scalar(data, self.dtype, file=self.file, key=self.key)
 
     def reshape(self, shape: tuple[int, ...]) -> TensorRef:
         """The same bytes under another shape (same number of elements)."""
@@ -134,6 +158,8 @@ class TensorRef(BaseModel):
 
 
 def _dtype_of(array: np.ndarray) -> str:
+    import numpy as np
+
     kind = np.asarray(array).dtype
     if kind == np.float16:
         return "F16"

@@ -472,8 +472,7 @@ def check_shapes(ctx: Context) -> Iterator[Finding]:
 
 @rule("V104", "rank-mismatch", "error", "a module's factors disagree with each other (up/down rank)")
 def check_rank(ctx: Context) -> Iterator[Finding]:
-    # The reader keeps modules whose factors disagree out of lora.modules and reports them as R003 issues.
-    yield from _from_read_issues(ctx, "V104")
+    yield from _from_read_issues(ctx, "V104")  # the reader drops such modules and records why
     for path, module in ctx.lora.modules.items():
         if module.algorithm == "lora":
             down, up = module.tensors.get("down"), module.tensors.get("up")
@@ -505,7 +504,7 @@ def _algorithm_problems(module: Module) -> list[str]:
 
 @rule("V105", "alpha-invalid", "error", "alpha that is not a positive finite scalar (absent is fine)")
 def check_alpha(ctx: Context) -> Iterator[Finding]:
-    yield from _from_read_issues(ctx, "V105")  # R004: an alpha the reader could not use (not a scalar, ...)
+    yield from _from_read_issues(ctx, "V105")  # e.g. an alpha that is not a scalar
     for path, module in ctx.lora.modules.items():
         alpha = module.alpha
         if alpha is None:
@@ -590,17 +589,46 @@ def _from_read_issues(ctx: Context, code: str) -> Iterator[Finding]:
 
 @rule("V108", "unplaced-key", "warning", "a key no module could be placed from")
 def check_unplaced(ctx: Context) -> Iterator[Finding]:
+    # Keys of a module the reader already reported (orphan half, rank mismatch, spelled twice ...) are covered by
+    # that finding: the issue names one key (or the raw module name); its siblings share the module stem.
     explained = [i for i in _read_issues(ctx.lora) if i.code in _READ_ISSUE_RULES and i.code != "R006"]
-    explained_keys = {i.key for i in explained if i.key}
+    explained_keys: set[str] = set()
     for i in explained:
+        if i.key:
+            explained_keys.update((i.key, _module_stem(i.key)))
         explained_keys.update((i.data or {}).get("keys", ()))
-    prefixes = tuple(f"{k}." for k in explained_keys)
     reasons = {i.key: i.message for i in _read_issues(ctx.lora) if i.code == "R006" and i.key}
     for key in ctx.lora.unplaced:
-        if key in explained_keys or (prefixes and key.startswith(prefixes)):
+        if key in explained_keys or _module_stem(key) in explained_keys:
             continue
         reason = reasons.get(key, "no module could be placed from this key")
         yield ctx.finding(RULES["V108"], f"{reason}; a loader would ignore it", key=key)
+
+
+# Parameter names that end a raw key after its module name, longest first (kohya/LyCORIS, diffusers, PEFT, legacy).
+_PARAM_SUFFIXES = tuple(
+    sorted(
+        {
+            "alpha", "dora_scale", "scale", "lora_down.weight", "lora_up.weight", "lora_mid.weight",
+            "lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_magnitude_vector.weight",
+            "lora.down.weight", "lora.up.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1",
+            "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "diff",
+            "diff_b", "w_norm", "b_norm", "weight", "on_input", "oft_blocks", "oft_diag", "rescale",
+        },
+        key=len,
+        reverse=True,
+    )
+)  # fmt: skip
+
+
+def _module_stem(key: str) -> str:
+    """The raw module name a key belongs to: kohya names have no dots; otherwise strip a known parameter suffix."""
+    if key.startswith("lora_") and "." in key:
+        return key.split(".", 1)[0]
+    for suffix in _PARAM_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1]
+    return key
 
 
 @rule("V107", "family-mismatch", "error", 'the file fits another family better ("this is an SDXL LoRA")')

@@ -124,9 +124,6 @@ def family_lora_file(
     return write_diffusers(tmp_path / f"{family}-{variant or 'default'}.safetensors", modules)
 
 
-_NP_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": np.float16}
-
-
 def write_sparse_zeros(path: Path, shapes: dict[str, tuple[str, list[int]]], metadata: dict[str, str] | None) -> Path:
     """A valid safetensors file whose tensors are all zeros, written as a sparse file (no data is written)."""
     header: dict[str, object] = {}
@@ -147,11 +144,12 @@ def write_sparse_zeros(path: Path, shapes: dict[str, tuple[str, list[int]]], met
     return path
 
 
-def manifest_to_file(manifest: Path, out: Path, rng: np.random.Generator | None = None) -> Path | None:
-    """Write a corpus key/shape manifest as a real file: zeros (a sparse file), or small random values.
+def manifest_to_file(manifest: Path, out: Path) -> Path | None:
+    """Write a corpus key/shape manifest as a real file for header-only checks: a sparse file of zeros.
 
-    Alpha scalars are 8. Without ``rng`` tensors keep their dtypes (BF16 included) and cost no disk space; with it
-    BF16 tensors are written as F16. Returns None when the manifest lacks shapes.
+    Unlike ``fixtures.manifests.manifest_to_safetensors`` (real bytes, meaningful values; use it when values
+    matter) this writes no tensor data, so the multi-GB Flux manifests cost nothing. Alpha scalars are 8. Returns
+    None when the manifest lacks shapes.
     """
     doc = json.loads(manifest.read_text())
     metadata = {str(k): str(v) for k, v in (doc.get("metadata") or {}).items()} or None
@@ -162,21 +160,12 @@ def manifest_to_file(manifest: Path, out: Path, rng: np.random.Generator | None 
         for key, info in doc["tensors"].items()
         if info["shape"] == [] or (key.endswith(".alpha") and int(np.prod(info["shape"])) == 1)
     }
-    if rng is None:
-        shapes = {
-            k: ("F32", info["shape"]) if k in alphas else (info.get("dtype") or "F16", info["shape"])
-            for k, info in doc["tensors"].items()
-        }
-        write_sparse_zeros(out, shapes, metadata)
-        _patch_values(out, alphas)  # the big tensors stay sparse zeros; alphas need their value
-        return out
-    tensors: dict[str, np.ndarray] = dict(alphas)
-    for key, info in doc["tensors"].items():
-        if key in alphas:
-            continue
-        dtype = _NP_DTYPES.get(info.get("dtype") or "F16", np.float16)
-        tensors[key] = (rng.standard_normal(info["shape"], dtype=np.float32) * 0.02).astype(dtype)
-    save_file(tensors, str(out), metadata=metadata)
+    shapes = {
+        k: ("F32", info["shape"]) if k in alphas else (info.get("dtype") or "F16", info["shape"])
+        for k, info in doc["tensors"].items()
+    }
+    write_sparse_zeros(out, shapes, metadata)
+    _patch_values(out, alphas)
     return out
 
 

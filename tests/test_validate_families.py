@@ -3,7 +3,6 @@ real-world key/shape manifests of public files validate as their family."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from _validate_helpers import CORPUS, family_lora_file, manifest_to_file
 
@@ -151,10 +150,13 @@ def test_malformed_real_file_is_not_valid(tmp_path):
 
 
 def test_values_of_a_real_file(tmp_path):
-    """--check-values over a real SD1 LoRA filled with small random values: clean."""
+    """--check-values over a real SD1 LoRA filled with small random values (the shared fixtures helper): clean."""
+    from fixtures.manifests import manifest_to_safetensors
+
     manifest = CORPUS / "real" / "kohya_sd15_add-detail.json"
     if not manifest.exists():
         pytest.skip("corpus not present")
-    path = manifest_to_file(manifest, tmp_path / "add_detail.safetensors", rng=np.random.default_rng(0))
+    path = tmp_path / "add_detail.safetensors"
+    manifest_to_safetensors(manifest, path, seed=0, fill="random")
     report = validate(path, family="sd1", check_values=True)
     assert report.findings == [], [f.line() for f in report.findings[:5]]

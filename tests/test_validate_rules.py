@@ -181,6 +181,14 @@ def test_V105_alpha_invalid(tmp_path, alpha):
     assert finding.key.endswith(".alpha")
 
 
+def test_V105_alpha_not_a_scalar(tmp_path):
+    mods = base_modules()
+    extra = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha": np.ones((2,), np.float32)}
+    mods[TO_Q] = lora(TO_Q, alpha=None)
+    (finding,) = only(check(tmp_path, mods, extra=extra), "V105")
+    assert finding.key.endswith("attn1_to_q.alpha")
+
+
 def test_V105_missing_alpha_is_fine(tmp_path):
     mods = base_modules()
     mods[TO_Q] = lora(TO_Q, alpha=None)

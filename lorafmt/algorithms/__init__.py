@@ -19,6 +19,13 @@ __all__ = ["BUILTIN_ALGORITHMS", "get_algorithm", "available_algorithms", "algor
 # name -> module under lorafmt.algorithms exporting ALGORITHM
 BUILTIN_ALGORITHMS: dict[str, str] = {
     "lora": "lora",
+    "loha": "loha",
+    "lokr": "lokr",
+    "full": "full",
+    "norm": "norm",
+    "ia3": "ia3",
+    "oft": "oft",
+    "boft": "boft",
 }
 
 _cache: dict[str, Algorithm] = {}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from lorafmt.algorithms._base import Algorithm
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from lorafmt.schema import Module
 
 
@@ -32,6 +32,8 @@ class LoRA(Algorithm):
         return down.shape[0] if down is not None and down.shape else None
 
     def delta(self, module: Module, base_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        import numpy as np
+
         down = module.tensors["down"].float32()
         up = module.tensors["up"].float32()
         mid = module.tensors.get("mid")
@@ -53,6 +55,8 @@ class LoRA(Algorithm):
 
     def factors(self, module: Module) -> tuple[np.ndarray, np.ndarray] | None:
         """ΔW as a product U @ D (U: (out, r) with the scale folded in, D: (r, in·kh·kw)), or None for Tucker."""
+        import numpy as np
+
         if "mid" in module.tensors:
             return None
         up = _as_matrix(module.tensors["up"].float32()).astype(np.float64) * module.scale

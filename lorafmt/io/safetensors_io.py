@@ -16,8 +16,7 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from lorafmt.dtypes import DTYPE_SIZES, numpy_dtype, to_float32
 from lorafmt.errors import (
@@ -48,7 +47,19 @@ from lorafmt.errors import (
 )
 from lorafmt.io.atomic import atomic_output
 
-__all__ = ["Header", "TensorInfo", "read_header", "write_safetensors", "WriteEntry", "sniff_container"]
+if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
+    import numpy as np
+
+__all__ = [
+    "Header",
+    "TensorInfo",
+    "read_header",
+    "write_safetensors",
+    "WriteEntry",
+    "sniff_container",
+    "decode_scalar",
+    "ScalarReader",
+]
 
 # The reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
@@ -91,6 +102,8 @@ class Header:
         return data
 
     def read_raw(self, key: str) -> np.ndarray:
+        import numpy as np
+
         info = self.tensors[key]
         arr = np.frombuffer(self.read_bytes(key), dtype=numpy_dtype(info.dtype))
         return arr.reshape(info.shape)
@@ -101,6 +114,58 @@ class Header:
 
 
 _PICKLE_HINT = "pass --allow-pickle (allow_pickle=True) to load its tensors with torch.load(weights_only=True)"
+
+
+# struct formats of the dtypes a one-element tensor (an alpha) is decoded from without numpy.
+_SCALAR_STRUCT = {"F16": "<e", "F32": "<f", "F64": "<d", "I8": "<b", "U8": "<B", "I16": "<h", "U16": "<H",
+                  "I32": "<i", "U32": "<I", "I64": "<q", "U64": "<Q", "BOOL": "<?"}
+
+
+def decode_scalar(data: bytes, dtype: str, *, file: str | None = None, key: str | None = None) -> float:
+    """The float value of one element's bytes (exact for every dtype; fp8 through the numpy table)."""
+    if len(data) != DTYPE_SIZES[dtype]:
+        msg = f"file changed or truncated while reading: expected {DTYPE_SIZES[dtype]} bytes, got {len(data)}"
+        raise TruncatedFileError(msg, file=file, key=key)
+    if dtype == "BF16":
+        return struct.unpack("<f", b"\x00\x00" + data)[0]
+    fmt = _SCALAR_STRUCT.get(dtype)
+    if fmt is not None:
+        return float(struct.unpack(fmt, data)[0])
+    import numpy as np
+
+    return float(to_float32(np.frombuffer(data, dtype=numpy_dtype(dtype)), dtype)[0])
+
+
+class ScalarReader:
+    """Reads one-element tensors (alphas) with one open file per source instead of one per tensor.
+
+    Use as a context manager; :meth:`read` takes a :class:`~lorafmt.schema.TensorRef`.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def __enter__(self) -> ScalarReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def read(self, ref) -> float:
+        if ref.numel != 1:
+            msg = f"alpha must be a scalar, found shape {list(ref.shape)}"
+            raise ValueError(msg)
+        if not ref.streamable or ref.offset is None:
+            return ref.scalar()
+        fd = self._fds.get(ref.file)
+        if fd is None:
+            fd = self._fds[ref.file] = os.open(ref.file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return decode_scalar(os.pread(fd, ref.nbytes, ref.offset), ref.dtype, file=ref.file, key=ref.key)
 
 
 def sniff_container(path: str, head: bytes, size: int) -> None:

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from lorafmt.errors import HeaderError, PickleFileError, SourceError
 from lorafmt.io.safetensors_io import read_header
 from lorafmt.schema import TensorRef
@@ -61,7 +59,7 @@ class Source:
         if ref.numel != 1:
             msg = f"expected a scalar, found shape {list(ref.shape)}"
             raise HeaderError(msg, file=self.path, key=key)
-        return float(ref.float32().reshape(-1)[0])
+        return ref.scalar()
 
     def sidecar_json(self, rel: str) -> Any:
         raw = self.sidecars[rel]
@@ -113,6 +111,8 @@ def source_from_mapping(mapping: Any, metadata: dict[str, str] | None = None, na
 def _ref_from_value(key: str, value: Any, name: str | None) -> TensorRef:
     if isinstance(value, TensorRef):
         return value.renamed(key)
+    import numpy as np
+
     mod = type(value).__module__
     if mod.startswith("torch"):
         import torch  # only reached when the caller already holds torch tensors

@@ -8,9 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-import numpy as np
-
 from lorafmt.algorithms import algorithm_for_params, available_algorithms, get_algorithm
+from lorafmt.io.safetensors_io import ScalarReader
 from lorafmt.io.source import Source
 from lorafmt.schema import Diagnostic, LoraFile, Module, Provenance, TensorRef
 
@@ -48,9 +47,9 @@ def issue(
     key: str | None = None,
     module: str | None = None,
     severity: str = "error",
-    keys: list[str] | None = None,
+    keys: Iterable[str] = (),
 ) -> Diagnostic:
-    """A structural finding; `keys` lists every raw key it explains (they end up in ``LoraFile.unplaced``)."""
+    """A read-time finding; `keys` lists every raw key it explains (so validators don't report them twice)."""
     data = {"keys": sorted(keys)} if keys else {}
     return Diagnostic(code=code, severity=severity, message=message, key=key, module=module, data=data)
 
@@ -80,6 +79,8 @@ def module_params(params: Iterable[str]) -> tuple[str | None, dict[str, str]]:
 def alpha_tensor(value: float, dtype: str | None, like: str | None = None) -> TensorRef:
     """An alpha scalar in `dtype`; without one, in the weights' dtype `like` when that holds it exactly
     (sd-scripts saves alpha in the save dtype), else float32."""
+    import numpy as np
+
     if dtype is None:
         dtype = "F32"
         if like in ("F16", "BF16"):
@@ -116,6 +117,11 @@ def assemble(
     read_alpha: Callable[[TensorRef], float] | None = None,
 ) -> LoraFile:
     """Turn collected parts into Modules, recording (not raising) structural problems."""
+    with ScalarReader() as scalars:
+        return _assemble(groups, source, layout, unplaced, issues, evidence, read_alpha or scalars.read)
+
+
+def _assemble(groups, source, layout, unplaced, issues, evidence, read_alpha) -> LoraFile:
     modules: dict[str, Module] = {}
     seen_raw: dict[str, str] = {}
     for parts in groups.values():
@@ -128,15 +134,15 @@ def assemble(
                 message = f"{' and '.join(sorted(parts.params))} with no weights: module {parts.raw_name!r} has no adapter tensors"
             else:
                 message = f"no algorithm explains parameters {sorted(parts.params)}"
-            keys = [r.key for r in parts.params.values()]
-            issues.append(issue("R001", message, key=keys[0], module=parts.path, keys=keys))
+            issues.append(issue("R001", message, key=next(iter(parts.params.values())).key, module=parts.path, keys=[r.key for r in parts.params.values()]))
             continue
         tensors = {role: parts.params[p] for p, role in roles.items()}
+        algo_name = get_algorithm(algo_name).classify(tensors)  # e.g. 4-D oft_blocks are BOFT
         alpha = alpha_dtype = None
         if "alpha" in parts.params:
             ref = parts.params["alpha"]
             try:
-                alpha = (read_alpha or _read_scalar)(ref)
+                alpha = read_alpha(ref)
                 alpha_dtype = ref.dtype
             except ValueError as exc:
                 issues.append(issue("R004", str(exc), key=ref.key, module=parts.path))
@@ -165,14 +171,16 @@ def assemble(
         if problems:
             for prob in problems:
                 code = "R002" if prob.startswith("missing") else "R003"
-                keys = [r.key for r in parts.params.values()]
-                issues.append(issue(code, prob, key=keys[0], module=parts.path, keys=keys))
+                issues.append(
+                    issue(code, prob, key=next(iter(parts.params.values())).key, module=parts.path, keys=[r.key for r in parts.params.values()])
+                )
             # An orphan half, mismatched ranks or non-matrix factors cannot make a weight change: keep the keys
             # visible (unplaced) and the finding (issues), never a module that diff/fuse/write would compute with.
             for ref in parts.params.values():
                 unplaced[ref.key] = ref
             continue
-        if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
+        zero_ok = get_algorithm(algo_name).zero_alpha_ok  # OFT: alpha is a constraint, 0 = none
+        if alpha is not None and (not math.isfinite(alpha) or alpha < 0 or (alpha == 0 and not zero_ok)):
             issues.append(
                 issue("R004", f"alpha {alpha} is not a positive finite number", key=parts.params["alpha"].key, module=parts.path)
             )
@@ -200,9 +208,3 @@ def assemble(
     )
     return lora
 
-
-def _read_scalar(ref: TensorRef) -> float:
-    if ref.numel != 1:
-        msg = f"alpha must be a scalar, found shape {list(ref.shape)}"
-        raise ValueError(msg)
-    return float(ref.float32().reshape(-1)[0])

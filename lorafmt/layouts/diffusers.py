@@ -25,6 +25,7 @@ from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, Writ
 from lorafmt.layouts._common import ModuleParts, assemble, issue
 from lorafmt.naming.shapes import linear_factor
 from lorafmt.naming.peft_config import config_alpha, config_for_modules
+from lorafmt.algorithms.dora import adopt_peft_magnitude, peft_magnitude_shape
 from lorafmt.schema import LoraFile, TensorRef
 
 __all__ = ["LAYOUT", "DiffusersLayout", "METADATA_KEY"]
@@ -90,6 +91,7 @@ class DiffusersLayout(Layout):
                     module.alpha = config_alpha(cfg, rel, module.rank)
                 except ValueError as exc:  # a hand-edited or hostile config: the scale is unknown, say so
                     lora.issues.append(issue("R004", str(exc), key=f"__metadata__.{METADATA_KEY}", module=path))
+            adopt_peft_magnitude(module)  # lora_magnitude_vector: output axis, canonical (out, 1[, 1, 1]) shape
         fam, fam_evidence = (family, ["given"]) if family else detect_family(lora)
         lora.family = fam
         lora.provenance.evidence = fam_evidence
@@ -115,8 +117,7 @@ class DiffusersLayout(Layout):
                 bias_components.add(component)
             if module.dora_scale is not None:
                 mag = module.dora_scale
-                if len(mag.shape) == 2:
-                    mag = mag.reshape((mag.numel,))
+                mag = mag.reshape(peft_magnitude_shape(mag.numel, len(up.shape)))
                 out.tensors[f"{path}.lora_magnitude_vector"] = mag.renamed(f"{path}.lora_magnitude_vector")
                 dora_components.add(component)
             rank = module.rank or 1

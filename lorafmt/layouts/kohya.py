@@ -30,9 +30,10 @@ from lorafmt.schema import LoraFile, TensorRef
 
 __all__ = ["LAYOUT", "KohyaLayout"]
 
-_KEY_RE = re.compile(r"^(lora_unet|lora_te[123]?)_([^.]+)\.(.+)$")
+_KEY_RE = re.compile(r"^(lora_unet|lora_te[123]?|oft_unet)_([^.]+)\.(.+)$")
 _PREFIX_TO_COMPONENT = {
     "lora_unet": "unet",
+    "oft_unet": "unet",  # kohya sd-scripts networks.oft (read; written back with lora_unet_, as LyCORIS does)
     "lora_te": "text_encoder",
     "lora_te1": "text_encoder",
     "lora_te2": "text_encoder_2",

@@ -17,8 +17,10 @@ def pattern_value(patterns: dict[str, Any] | None, name: str, default: Any) -> A
     """What PEFT picks for module `name` (``peft.utils.other.get_pattern_key``: first key k with
     ``re.match(rf"(.*\\.)?({k})$", name)``)."""
     # CLIP module names lost their ``text_model.`` level in transformers 5; configs may use either spelling.
+    if not isinstance(patterns, dict):  # absent, or junk from a hand-edited config
+        return default
     names = [name, name[len("text_model.") :]] if name.startswith("text_model.") else [name]
-    for key, value in (patterns or {}).items():
+    for key, value in patterns.items():
         for candidate in names:
             try:
                 if re.match(rf"(.*\.)?({key})$", candidate):

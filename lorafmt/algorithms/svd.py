@@ -1,0 +1,92 @@
+"""Approximate any module whose ΔW is known as a plain LoRA by truncated SVD (numpy, float64).
+
+Used by ``convert``/``write`` with ``allow_lossy=True, approx_rank=R`` when the target layout cannot express a
+module's algorithm (LoHa/LoKr/full into ``diffusers``, Tucker ``lora_mid`` into PEFT, ...). The result is exact
+when ΔW's rank is at most R; otherwise the relative Frobenius error ``‖ΔW − ΔW_R‖ / ‖ΔW‖`` is reported —
+measured on the factors as stored (after rounding to the output dtype), so it is what a reader of the file sees.
+
+Conv ΔW ``(out, in, kh, kw)`` is factorised as ``(out, in·kh·kw)``: ``down (R, in, kh, kw)``, ``up (out, R, 1, 1)``
+(the LoCon shape every loader accepts). The scale is folded into the factors (``alpha = R``, scale 1); the
+singular values are split evenly (``up = U·√S``, ``down = √S·Vᵀ``). A DoRA magnitude is kept as is.
+
+Algorithms whose effect needs the base weight (IA3, OFT) cannot be approximated without it.
+
+Example:
+    >>> import numpy as np
+    >>> from lorafmt.schema import Module, TensorRef
+    >>> m = Module(path="unet.x", algorithm="full", tensors={"diff": TensorRef.from_array("d", np.outer([1, 2], [3, 4, 5]))})
+    >>> lora, err = approximate_as_lora(m, rank=1)
+    >>> lora.algorithm, lora.rank, round(err, 6)
+    ('lora', 1, 0.0)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lorafmt.algorithms import get_algorithm
+from lorafmt.errors import UnsupportedFeatureError
+from lorafmt.schema import Module, TensorRef
+
+__all__ = ["approximate_as_lora", "low_rank"]
+
+
+def low_rank(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(up (out, r), down (r, rest), relative Frobenius error) of the best rank-`rank` approximation of a matrix."""
+    mat = np.asarray(delta, dtype=np.float64).reshape(delta.shape[0], -1)
+    u, s, vt = np.linalg.svd(mat, full_matrices=False)
+    r = max(1, min(int(rank), s.size))
+    root = np.sqrt(s[:r])
+    up = u[:, :r] * root
+    down = root[:, None] * vt[:r]
+    total = float(np.sqrt(np.sum(s**2)))
+    err = float(np.sqrt(np.sum(s[r:] ** 2))) / total if total > 0 else 0.0
+    return up, down, err
+
+
+def approximate_as_lora(module: Module, rank: int, *, dtype: str | None = None) -> tuple[Module, float]:
+    """A ``lora`` module of rank ≤ `rank` approximating `module`'s ΔW, and its relative error.
+
+    `dtype` is the storage dtype of the new factors (default: the first tensor's float dtype, else F32).
+    """
+    algo = get_algorithm(module.algorithm)
+    if algo.needs_base:
+        msg = f"a {module.algorithm} module cannot be approximated as LoRA without the base weight"
+        raise UnsupportedFeatureError(msg, module=module.path)
+    if rank < 1:
+        msg = f"approximation rank must be at least 1, got {rank}"
+        raise UnsupportedFeatureError(msg, module=module.path)
+    delta = algo.delta(module)
+    shape = algo.weight_shape(module) or tuple(delta.shape)
+    if delta.ndim == 1:
+        msg = f"a {module.algorithm} module changes a vector (norm weights); it has no low-rank form"
+        raise UnsupportedFeatureError(msg, module=module.path)
+    up, down, _ = low_rank(delta, rank)
+    r = up.shape[1]
+    if len(shape) == 4:
+        down = down.reshape(r, shape[1], shape[2], shape[3])
+        up = up.reshape(up.shape[0], r, 1, 1)
+    if dtype is None:
+        first = next(iter(module.tensors.values()))
+        dtype = first.dtype if first.dtype in ("F16", "BF16", "F32") else "F32"
+    tensors = {
+        "down": TensorRef.from_array(f"{module.path}.down", down.astype(np.float32), dtype),
+        "up": TensorRef.from_array(f"{module.path}.up", up.astype(np.float32), dtype),
+    }
+    # the error of what is stored (after rounding to `dtype`), so a reader of the written file measures the same
+    stored = tensors["up"].float32().reshape(shape[0], -1).astype(np.float64) @ tensors["down"].float32().reshape(
+        r, -1
+    ).astype(np.float64)
+    ref = delta.reshape(delta.shape[0], -1).astype(np.float64)
+    norm = float(np.linalg.norm(ref))
+    err = float(np.linalg.norm(ref - stored)) / norm if norm > 0 else 0.0
+    new = Module(
+        path=module.path,
+        algorithm="lora",
+        tensors=tensors,
+        alpha=float(r),
+        alpha_dtype=module.alpha_dtype,
+        dora_scale=module.dora_scale,
+        dora_axis=module.dora_axis,
+    )
+    return new, err
