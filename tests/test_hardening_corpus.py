@@ -38,7 +38,8 @@ STRUCTURAL_CASES = sorted(n for n, i in MANIFEST.items() if i["description"].sta
 VALID_CASES = sorted(n for n, i in MANIFEST.items() if i["error"] == "none")
 
 
-HAS_VALIDATE = importlib.util.find_spec("lorafmt.cli_validate") is not None
+_VALIDATE_SPEC = importlib.util.find_spec("lorafmt.cli_validate")
+HAS_VALIDATE = _VALIDATE_SPEC is not None and Path(_VALIDATE_SPEC.origin or "/").is_relative_to(ROOT / "lorafmt")
 
 
 def expected(name: str) -> type[E.LorafmtError]:

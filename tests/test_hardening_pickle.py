@@ -159,9 +159,11 @@ def test_cli_subprocess_never_runs_the_payload(hostile, tmp_path):
 
 
 def _has(module: str) -> bool:
+    """The optional command exists in this checkout (not only in another install of lorafmt on the path)."""
     import importlib.util
 
-    return importlib.util.find_spec(module) is not None
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.origin is not None and Path(spec.origin).is_relative_to(Path(lorafmt.__file__).parent)
 
 
 # ------------------------------------------------------------------------------------------ benign pickles
