@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import lorafmt
@@ -333,6 +333,9 @@ peft_config = st.dictionaries(st.sampled_from(_CONFIG_FIELDS) | junk, config_val
 
 @FUZZ
 @given(peft_config, st.sampled_from(["peft", "diffusers"]), st.sampled_from(["unet", "text_encoder"]), st.booleans())
+# found by the long run: an alpha beyond float32 was written to kohya as an F16 inf (the output then failed to read)
+@example({"r": {}, "lora_alpha": 3.4028235677973366e38}, "peft", "unet", False)
+@example({"lora_alpha": "four", "alpha_pattern": ["x"]}, "diffusers", "unet", False)
 def test_fuzz_adapter_configs(config, layout, component, raw_json):
     """A well-formed LoRA whose alpha config (adapter_config.json / lora_adapter_metadata) is junk."""
     from safetensors.numpy import save_file
