@@ -17,6 +17,11 @@ __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 EXIT_OK, EXIT_FINDINGS, EXIT_UNUSABLE = 0, 1, 2
 
 
+def _safe(line: str) -> str:
+    """Keys and metadata come from the file: escape control characters so a hostile file cannot drive the terminal."""
+    return line if line.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+
+
 def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -61,7 +66,7 @@ def _run_inspect(args) -> int:
         lines.append(f"unplaced    {len(info['unplaced_keys'])} keys, e.g. {', '.join(info['unplaced_keys'][:3])}")
     for d in info["issues"][:10]:
         lines.append(f"issue       [{d['code']}] {d['message']} ({d.get('module') or d.get('key')})")
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(_safe(line) for line in lines) + "\n")
     return EXIT_OK
 
 
@@ -115,7 +120,7 @@ def _run_convert(args) -> int:
         f"{report.bytes_streamed} bytes streamed, {report.bytes_computed} bytes computed\n"
     )
     for note in report.notes:
-        sys.stdout.write(f"  {note.severity}: [{note.code}] {note.message} ({note.module or note.key})\n")
+        sys.stdout.write(_safe(f"  {note.severity}: [{note.code}] {note.message} ({note.module or note.key})") + "\n")
     return EXIT_OK
 
 
@@ -146,7 +151,7 @@ def _run_diff(args) -> int:
         )
         for m in bad[:50]:
             detail = f" rel_error {m.rel_error:.3g}" if m.rel_error is not None else ""
-            sys.stdout.write(f"  {m.status:7s} {m.module}{detail}\n")
+            sys.stdout.write(_safe(f"  {m.status:7s} {m.module}{detail}") + "\n")
         if len(bad) > 50:
             sys.stdout.write(f"  ... and {len(bad) - 50} more\n")
     return EXIT_OK if report.same else EXIT_FINDINGS

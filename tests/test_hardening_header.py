@@ -230,3 +230,16 @@ def test_cli_turns_an_unexpected_exception_into_one_line(tmp_path, monkeypatch, 
     assert err[1].startswith("hint: ") and "--debug" in err[1]
     with pytest.raises(TypeError):
         main(["--debug", "inspect", str(tmp_path / "x.safetensors")])
+
+
+def test_inspect_text_output_escapes_control_characters(tmp_path, capsys):
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    header, data = mb.tensors_file(
+        {**mb.kohya_pair(name), "junk\x1b]0;pwned\x07.weight": ("F16", [2])},
+        metadata={"ss_note": "\x1b[2J\x1b[31mred\r\nfake line"},
+    )
+    path = write(tmp_path / "ansi.safetensors", mb.st_bytes(header, data))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert "\\x1b[31mred" in out and "junk\\x1b]0;pwned" in out
