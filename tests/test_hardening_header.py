@@ -243,3 +243,13 @@ def test_inspect_text_output_escapes_control_characters(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\r" not in out
     assert "\\x1b[31mred" in out and "junk\\x1b]0;pwned" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lorafmt.cli_validate") is None, reason="no validate command")
+def test_validate_text_output_escapes_control_characters(tmp_path, capsys):
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    header, data = mb.tensors_file({**mb.kohya_pair(name), "junk\x1b[2J.weight": ("F16", [2])})
+    path = write(tmp_path / "ansi.safetensors", mb.st_bytes(header, data))
+    assert main(["validate", str(path), "--family", "sd1"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "junk\\x1b[2J" in out
