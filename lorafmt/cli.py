@@ -259,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_allow_pickle(sub) -> None:
     """Every command that reads files accepts --allow-pickle (loads .ckpt/.pt/.bin via torch weights_only only)."""
     for name, p in sub.choices.items():
-        if name == "layouts" or any("--allow-pickle" in a.option_strings for a in p._actions):
+        # batch runs files in worker processes, which this process-local switch does not reach: not offered there
+        # until batch passes allow_pickle to its workers itself.
+        if name in ("layouts", "batch") or any("--allow-pickle" in a.option_strings for a in p._actions):
             continue
         p.add_argument(
             "--allow-pickle",

@@ -27,6 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
+def _has(module: str) -> bool:
+    """The optional command exists in this checkout (not only in another install of lorafmt on the path)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.origin is not None and Path(spec.origin).is_relative_to(Path(lorafmt.__file__).parent)
+
+
 class _System:
     def __init__(self, cmd: str) -> None:
         self.cmd = cmd
@@ -135,6 +143,26 @@ def test_cli_never_runs_the_payload(hostile, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out.safetensors"]
 
 
+@pytest.mark.skipif(not _has("lorafmt.cli_batch"), reason="no batch command")
+def test_batch_never_runs_the_payload(hostile, tmp_path, capsys):
+    """batch (worker processes) refuses pickles and offers no --allow-pickle until it passes the flag to workers."""
+    import json
+
+    files, marker = hostile
+    report = tmp_path / "report.jsonl"
+    for op in ("inspect", "validate"):
+        rc = main(["batch", op, *map(str, files), "--report", str(report), "--workers", "2", "--quiet"])
+        capsys.readouterr()
+        assert rc != 0
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(rows) == 2 * len(files)
+    assert {r["error_type"] for r in rows} == {"PickleFileError"}
+    with pytest.raises(SystemExit):
+        main(["batch", "inspect", str(files[0]), "--allow-pickle"])
+    capsys.readouterr()
+    assert not marker.exists()
+
+
 def test_cli_subprocess_never_runs_the_payload(hostile, tmp_path):
     files, marker = hostile
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -156,14 +184,6 @@ def test_cli_subprocess_never_runs_the_payload(hostile, tmp_path):
     assert "refused to unpickle" in procs[0].stderr
     assert not marker.exists()
     assert not (tmp_path / "o.safetensors").exists()
-
-
-def _has(module: str) -> bool:
-    """The optional command exists in this checkout (not only in another install of lorafmt on the path)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(module)
-    return spec is not None and spec.origin is not None and Path(spec.origin).is_relative_to(Path(lorafmt.__file__).parent)
 
 
 # ------------------------------------------------------------------------------------------ benign pickles
