@@ -100,6 +100,13 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--json", action="store_true", help="print the conversion report as JSON")
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read the output back and compare every module's weight change with the source before it is renamed "
+        "into place (default: on whenever the conversion does tensor math or changes a dtype)",
+    )
     p.set_defaults(func=_run_convert)
 
 
@@ -116,6 +123,7 @@ def _run_convert(args) -> int:
         allow_lossy=args.allow_lossy,
         force=args.force,
         approx_rank=args.approx_rank,
+        verify=args.verify,
     )
     if args.json:
         _print_json(report.model_dump())
