@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafmt", description="Convert, validate and fuse diffusion LoRA checkpoints.")
     parser.add_argument("--version", action="version", version=f"lorafmt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in [*SUBCOMMANDS, *_optional_subcommands()]:
