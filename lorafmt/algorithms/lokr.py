@@ -19,14 +19,16 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from lorafmt.algorithms._base import Algorithm
 from lorafmt.algorithms.loha import rebuild_tucker
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from lorafmt.schema import Module
 
 
@@ -66,6 +68,7 @@ class LoKr(Algorithm):
         return w1, w2
 
     def delta(self, module: Module, base_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        import numpy as np
         w1, w2 = self.kron_factors(module)
         w1 = w1.reshape(*w1.shape, *(1,) * (w2.ndim - w1.ndim))
         dw = np.kron(w1, w2) * np.float32(module.scale)
@@ -82,7 +85,7 @@ class LoKr(Algorithm):
         elif "t2" in t:
             w2 = (t["w2_a"].shape[1], t["w2_b"].shape[1], *t["t2"].shape[2:])
         else:
-            w2 = (t["w2_a"].shape[0], int(np.prod(t["w2_b"].shape[1:])))
+            w2 = (t["w2_a"].shape[0], math.prod(t["w2_b"].shape[1:]))
         return w1, w2
 
     def weight_shape(self, module: Module) -> tuple[int, ...] | None:
