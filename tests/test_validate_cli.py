@@ -129,7 +129,7 @@ def test_header_only_validation_reads_no_tensor_data(files, monkeypatch):
         },
     )
     validate(path, family="sdxl")
-    assert read and all(k.endswith(".alpha") for k in read), read
+    assert all(k.endswith(".alpha") for k in read), read  # alphas may be read (or decoded without TensorRef.raw)
     read.clear()
     validate(path, family="sd1", check_values=True)
     assert any(k.endswith(".lora_down.weight") for k in read)
