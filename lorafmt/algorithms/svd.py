@@ -115,6 +115,8 @@ def fold_tucker(module: Module) -> Module:
     down = module.tensors["down"].float32()
     mid = module.tensors["mid"].float32()
     folded = np.einsum("jk...,kl->jl...", mid, down.reshape(down.shape[0], -1))
+    if down.ndim == 2 and all(k == 1 for k in mid.shape[2:]):
+        folded = folded.reshape(folded.shape[0], folded.shape[1])  # a 1×1 core on a Linear stays a matrix
     tensors = {k: v for k, v in module.tensors.items() if k not in ("down", "mid")}
     tensors["down"] = TensorRef.from_array(module.tensors["down"].key, folded.astype(np.float32), "F32")
     return module.model_copy(update={"tensors": tensors})
