@@ -15,7 +15,7 @@ from lorafmt.algorithms._base import target_shape_of
 if TYPE_CHECKING:
     from lorafmt.schema import LoraFile
 
-__all__ = ["detect_family", "family_from_metadata", "CROSS_ATTENTION_WIDTH"]
+__all__ = ["detect_family", "family_from_metadata", "transformer_variant", "CROSS_ATTENTION_WIDTH"]
 
 CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TE_WIDTH = {768: "sd1", 1024: "sd2"}
@@ -38,6 +38,80 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
     return None
 
 
+_FLUX_WIDTH = 3072
+_SD3_WIDTHS = {1536: "medium", 2432: "3.5 large"}
+_BLOCK_RE = re.compile(r"^transformer\.transformer_blocks\.(\d+)\.")
+
+
+def _transformer_width(lora: LoraFile) -> int | None:
+    """Hidden width of the transformer: input features of its attention projections (or their modulation)."""
+    widths: Counter[int] = Counter()
+    for path, module in lora.modules.items():
+        if path.startswith("transformer.") and re.search(r"\.(attn2?\.(to_[qkv]|add_[qkv]_proj)|norm1(_context)?\.linear|norm\.linear)$", path):
+            shape = target_shape_of(module)
+            if shape and len(shape) >= 2:
+                widths[shape[1]] += 1
+    return widths.most_common(1)[0][0] if widths else None
+
+
+def _transformer_family(lora: LoraFile) -> tuple[str | None, str]:
+    """Flux.1 vs SD3 from structure and widths: single-stream blocks, guidance embedder or width 3072 say Flux;
+    ``attn2`` (SD3.5), the patch-embed conv, a block index above Flux's 19, widths 1536/2432 or a third text
+    encoder say SD3."""
+    paths = lora.modules
+    width = _transformer_width(lora)
+    if any(p.startswith("transformer.single_transformer_blocks.") for p in paths):
+        return "flux1", "transformer with single-stream blocks"
+    if any(p.startswith("transformer.time_text_embed.guidance_embedder.") for p in paths):
+        return "flux1", "transformer with a guidance embedder"
+    if width == _FLUX_WIDTH:
+        return "flux1", f"transformer width {width}"
+    if width in _SD3_WIDTHS:
+        return "sd3", f"MMDiT transformer width {width}"
+    if any(".attn2." in p for p in paths if p.startswith("transformer.")):
+        return "sd3", "dual-attention (attn2) MMDiT blocks"
+    if any(p.startswith("transformer.pos_embed.") for p in paths):
+        return "sd3", "MMDiT patch embedding"
+    if any(int(m.group(1)) >= 19 for p in paths if (m := _BLOCK_RE.match(p))):
+        return "sd3", "more joint blocks than Flux.1 has"
+    if "text_encoder_3" in set(lora.components):
+        return "sd3", "third text encoder (T5) as text_encoder_3"
+    return None, ""
+
+
+def transformer_variant(lora: LoraFile, family: str) -> str | None:
+    """Which model of a transformer family, when the file says: Flux.1 ``dev``/``schnell``; SD3 ``medium``,
+    ``3.5 medium``, ``3.5 large``. None when undeterminable (e.g. a Flux LoRA without guidance-embedder modules
+    and without metadata fits both dev and schnell).
+
+    >>> from lorafmt.schema import LoraFile
+    >>> transformer_variant(LoraFile(metadata={"modelspec.architecture": "flux-1-schnell/lora"}), "flux1")
+    'schnell'
+    """
+    arch = lora.metadata.get("modelspec.architecture", "").lower()
+    version = lora.metadata.get("ss_base_model_version", "").lower()
+    if family == "flux1":
+        for v in ("schnell", "dev"):
+            if v in arch or version.endswith(v):
+                return v
+        if any(p.startswith("transformer.time_text_embed.guidance_embedder.") for p in lora.modules):
+            return "dev"
+        return None
+    if family == "sd3":
+        named = {"medium": "medium", "5-medium": "3.5 medium", "5-large": "3.5 large"}
+        if version in named:
+            return named[version]
+        for key, v in (("3.5-large", "3.5 large"), ("3.5-medium", "3.5 medium"), ("3-medium", "medium")):
+            if key in arch:
+                return v
+        width = _transformer_width(lora)
+        if width == 2432:
+            return "3.5 large"
+        if width == 1536:
+            return "3.5 medium" if any(".attn2." in p for p in lora.modules) else "medium"
+    return None
+
+
 def detect_family(lora: LoraFile) -> tuple[str | None, list[str]]:
     """Guess the base-model family of a LoRA; returns (family or None, evidence)."""
     votes: Counter[str] = Counter()
@@ -51,18 +125,12 @@ def detect_family(lora: LoraFile) -> tuple[str | None, list[str]]:
 
     # Transformer families (Flux.1, SD3).
     if "transformer" in comps or "text_encoder_3" in comps:
-        single = any(".single_transformer_blocks." in p for p in paths)
-        widths = Counter()
-        for path, module in paths.items():
-            if path.startswith("transformer.") and re.search(r"\.attn\.to_[qkv]$", path):
-                shape = target_shape_of(module)
-                if shape:
-                    widths[shape[1]] += 1
-        width = widths.most_common(1)[0][0] if widths else None
-        if single or width == 3072:
-            vote("flux1", 10, f"transformer with {'single blocks' if single else 'width 3072'}")
-        elif width in (1536, 2432) or "text_encoder_3" in comps or any(".context_embedder" in p for p in paths):
-            vote("sd3", 10, f"MMDiT transformer width {width}")
+        fam, why = _transformer_family(lora)
+        if fam:
+            vote(fam, 10, why)
+            variant = transformer_variant(lora, fam)
+            if variant:
+                evidence.append(f"variant: {variant}")
 
     # U-Net families: the cross-attention width is decisive.
     cross = Counter()

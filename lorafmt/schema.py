@@ -193,6 +193,14 @@ class Module(BaseModel):
     extras: dict[str, TensorRef] = Field(
         default_factory=dict, description="Extra per-module tensors kept verbatim (e.g. A1111 `scale`)."
     )
+    mode: Literal["add", "set"] = Field(
+        default="add",
+        description=(
+            "add: the algorithm's weight change is added to the base parameter (every LoRA-family algorithm); "
+            "set: the `full` algorithm's `diff` tensor *replaces* the base parameter (ComfyUI `set` patches, "
+            "BFL Flux Control norm scales). Layouts that cannot say `set` refuse such modules."
+        ),
+    )
 
     @property
     def component(self) -> str:

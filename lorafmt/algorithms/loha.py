@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import math
-
 from typing import TYPE_CHECKING
 
 from lorafmt.algorithms._base import Algorithm

@@ -18,6 +18,10 @@ BUILTIN_LAYOUTS: dict[str, str] = {
     "diffusers": "diffusers",
     "diffusers-legacy": "diffusers_legacy",
     "peft": "peft",
+    "comfyui": "comfyui",
+    "xlabs": "xlabs",
+    "bfl-control": "bfl_control",
+    "onetrainer": "onetrainer",
 }
 
 _cache: dict[str, Layout] = {}

@@ -23,7 +23,7 @@ from lorafmt.schema import LoraFile, TensorRef
 
 __all__ = ["LAYOUT", "DiffusersLegacyLayout"]
 
-_PREFIX = r"(?:(unet|text_encoder|text_encoder_2)\.)?"
+_PREFIX = r"(?:(unet|transformer|text_encoder|text_encoder_2|text_encoder_3)\.)?"
 _LORA_RE = re.compile(rf"^{_PREFIX}(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
 _PROC_RE = re.compile(rf"^{_PREFIX}(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}

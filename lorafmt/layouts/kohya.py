@@ -10,11 +10,21 @@ Key grammar: ``<prefix>_<module path with '.' -> '_'>.<param>``; prefixes ``lora
 SDXL U-Nets are spelled with SGM block names (``input_blocks_4_1_…``) as sd-scripts writes; diffusers block
 names (``down_blocks_1_attentions_0_…``, as OneTrainer's legacy SDXL output writes) are read too.
 
+Transformer families (sd-scripts ``networks.lora_flux`` / ``networks.lora_sd3``): ``lora_unet_`` + the model's
+native names, flattened — BFL for Flux.1 (``double_blocks_0_img_attn_qkv``, ``single_blocks_0_linear1``, …) and
+SAI MMDiT for SD3 (``joint_blocks_0_x_block_attn_qkv``, SD3.5 ``x_block_attn2_…``); the body decides the family.
+Fused projections are split into diffusers modules on read and joined on write, exactly
+(:mod:`lorafmt.naming.fused`), including sd-scripts' ``split_qkv`` block-diagonal saves and their alpha quirk.
+Text encoders: Flux ``lora_te1`` CLIP-L -> ``text_encoder``, ``lora_te3`` T5 -> ``text_encoder_2`` (``lora_te2``
+with a T5 body, as OneTrainer/InvokeAI spell it, too); SD3 ``lora_te1``/``lora_te2``/``lora_te3`` -> CLIP-L,
+CLIP-G, T5 (``text_encoder``/``_2``/``_3``).
+
 Capabilities: every algorithm, Tucker, DoRA on either axis, per-module alpha as a tensor, metadata.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 from lorafmt.families import CROSS_ATTENTION_WIDTH, detect_family, family_from_metadata
@@ -23,6 +33,7 @@ from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, Writ
 from lorafmt.layouts._common import KNOWN_PARAMS, ModuleParts, alpha_tensor, assemble, issue
 from lorafmt.algorithms import get_algorithm
 from lorafmt.naming.clip import canonical_text_path
+from lorafmt.naming.fused import alpha_dtype_for, canonical_to_native, keep_failed, names_for, native_to_canonical
 from lorafmt.naming.kohya_names import flatten, unflatten
 from lorafmt.naming.shapes import is_linear_projection
 from lorafmt.naming.sd_unet import UNET_LAYOUTS, diffusers_to_sgm, is_sgm_path, sgm_to_diffusers
@@ -39,6 +50,20 @@ _PREFIX_TO_COMPONENT = {
     "lora_te2": "text_encoder_2",
     "lora_te3": "text_encoder_3",
 }
+# Flattened body starts that identify a transformer family's native names behind ``lora_unet_``.
+_TRANSFORMER_BODIES = {
+    "flux1": ("double_blocks_", "single_blocks_", "img_in", "txt_in", "time_in_", "vector_in_", "guidance_in_"),
+    "sd3": ("joint_blocks_", "x_embedder_", "t_embedder_", "y_embedder_", "context_embedder"),
+}
+# kohya prefix -> diffusers component, per transformer family (T5 is text_encoder_2 in Flux, text_encoder_3 in SD3).
+_TRANSFORMER_TEXT = {
+    "flux1": {"lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_2"},
+    "sd3": {"lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"},
+}
+_TRANSFORMER_TEXT_OUT = {
+    "flux1": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
+    "sd3": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"},
+}
 # Metadata keys a kohya file does not carry (they belong to other layouts and go stale on conversion).
 _FOREIGN_METADATA = frozenset({"lora_adapter_metadata"})
 
@@ -52,8 +77,8 @@ class KohyaLayout(Layout):
         tucker=True,
         dora_axes=frozenset({"in", "out"}),
         alpha="tensor",
-        families=frozenset({"sd1", "sd2", "sdxl"}),
-        components=frozenset({"unet", "text_encoder", "text_encoder_2"}),
+        families=frozenset({"sd1", "sd2", "sdxl", "sd3", "flux1"}),
+        components=frozenset({"unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"}),
     )
 
     # ------------------------------------------------------------------ detection
@@ -83,6 +108,7 @@ class KohyaLayout(Layout):
         groups: dict[str, ModuleParts] = {}
         unplaced: dict[str, TensorRef] = {}
         issues: list = []
+        tfamily = self._transformer_family(source, family)
         sgm_family = family or self._sgm_family(source)
         for key, ref in source.tensors.items():
             m = _KEY_RE.match(key)
@@ -93,7 +119,7 @@ class KohyaLayout(Layout):
             raw_name = f"{prefix}_{body}"
             parts = groups.get(raw_name)
             if parts is None:
-                path = self._canonical_path(prefix, body, sgm_family)
+                path = self._transformer_path(prefix, body, tfamily) if tfamily else self._canonical_path(prefix, body, sgm_family)
                 if path is None:
                     unplaced[key] = ref
                     issues.append(issue("R006", f"cannot place module {raw_name!r}", key=key, severity="warning"))
@@ -101,10 +127,57 @@ class KohyaLayout(Layout):
                 parts = groups[raw_name] = ModuleParts(path, raw_name)
             parts.add(param, ref)
         lora = assemble(groups, source, layout=self.name, unplaced=unplaced, issues=issues, evidence=[])
+        if tfamily:
+            names = names_for(tfamily)
+            lora.modules, failed = native_to_canonical(lora.modules, names, detect_block_diagonal=_may_be_split_qkv(source.metadata))
+            lora.modules = dict(sorted(lora.modules.items()))
+            keep_failed(failed, lora.unplaced, lora.issues)
         fam, fam_evidence = (family, ["given"]) if family else detect_family(lora)
         lora.family = fam
         lora.provenance.evidence = fam_evidence
         return lora
+
+    @staticmethod
+    def _transformer_family(source: Source, family: str | None) -> str | None:
+        """``flux1``/``sd3`` when the ``lora_unet_`` bodies use BFL/SAI names (or TEs only and the family is known)."""
+        if family in _TRANSFORMER_BODIES:
+            return family
+        if family:
+            return None
+        module = source.metadata.get("ss_network_module", "")
+        if module.endswith(("lora_flux", "lora_sd3")):
+            return "flux1" if module.endswith("lora_flux") else "sd3"
+        found: set[str] = set()
+        has_unet = has_te3 = False
+        for key in source.tensors:
+            if key.startswith("lora_unet_"):
+                has_unet = True
+                body = key[len("lora_unet_") :]
+                for fam, starts in _TRANSFORMER_BODIES.items():
+                    if body.startswith(starts):
+                        found.add(fam)
+            elif key.startswith("lora_te3_"):
+                has_te3 = True
+        if len(found) == 1:
+            return found.pop()
+        if not found and any(k.startswith("lora_unet_final_layer_") for k in source.tensors):
+            claimed = family_from_metadata(source.metadata)
+            return claimed if claimed in _TRANSFORMER_BODIES else "flux1"
+        if not has_unet and has_te3:
+            claimed = family_from_metadata(source.metadata)
+            return claimed if claimed in _TRANSFORMER_BODIES else "sd3"
+        return None
+
+    @staticmethod
+    def _transformer_path(prefix: str, body: str, tfamily: str) -> str | None:
+        """Native (not yet canonical) path for a transformer-family module; split/renamed after assembly."""
+        if prefix == "lora_unet":
+            return f"transformer.{unflatten(body)}"
+        dotted = unflatten(body)
+        component = _TRANSFORMER_TEXT[tfamily][prefix]
+        if tfamily == "flux1" and dotted.startswith("encoder.block."):
+            component = "text_encoder_2"
+        return f"{component}.{canonical_text_path(dotted)}"
 
     @staticmethod
     def _sgm_family(source: Source) -> str:
@@ -134,6 +207,8 @@ class KohyaLayout(Layout):
 
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         family = options.family or lora.family
+        if family in _TRANSFORMER_BODIES or any(m.component == "transformer" for m in lora.modules.values()):
+            return self._plan_transformer(lora, options, family)
         has_te2 = any(m.component == "text_encoder_2" for m in lora.modules.values())
         te1_prefix = "lora_te1" if (family == "sdxl" or has_te2) else "lora_te"
         out = PlannedFile(metadata={k: v for k, v in lora.metadata.items() if k not in _FOREIGN_METADATA})
@@ -173,6 +248,68 @@ class KohyaLayout(Layout):
             for extra, ref in module.extras.items():
                 out.tensors[f"{name}.{extra}"] = ref.renamed(f"{name}.{extra}")
         return plan
+
+    def _plan_transformer(self, lora: LoraFile, options: WriteOptions, family: str | None) -> WritePlan:
+        """sd-scripts ``lora_flux`` / ``lora_sd3`` spelling: native transformer names, fused projections joined."""
+        from lorafmt.errors import LossyConversionError, UnsupportedFeatureError
+
+        if family not in _TRANSFORMER_BODIES:
+            msg = f"cannot write transformer modules as kohya without knowing the family (flux1 or sd3); found {family!r}"
+            raise UnsupportedFeatureError(msg, hint="pass --family flux1 or --family sd3")
+        names = names_for(family)
+        sets = {p: ([p], "a `set` (replacement) tensor is not expressible in kohya") for p, m in lora.modules.items() if m.mode == "set"}
+        native, notes, failed = canonical_to_native({p: m for p, m in lora.modules.items() if p not in sets}, names)
+        failed = {**sets, **failed}
+        if failed:
+            if not options.allow_lossy:
+                first = sorted(failed)[0]
+                msg = f"{len(failed)} module group(s) cannot be written as kohya {family}: {first}: {failed[first][1]}"
+                raise LossyConversionError(msg, module=failed[first][0][0], hint="pass --allow-lossy to drop them (each is reported)")
+            for npath, (paths, why) in sorted(failed.items()):
+                for p in paths:
+                    notes.append(issue("W001", f"dropped: {why}", module=p, severity="warning"))
+        out = PlannedFile(metadata={k: v for k, v in lora.metadata.items() if k not in _FOREIGN_METADATA})
+        plan = WritePlan(files={"": out}, notes=notes)
+        text_prefix = _TRANSFORMER_TEXT_OUT[family]
+        for path, module in native.items():
+            component, rel = path.split(".", 1)
+            if component == "transformer":
+                prefix = "lora_unet"
+            elif component in text_prefix:
+                prefix = text_prefix[component]
+            else:
+                msg = f"the kohya layout has no prefix for component {component!r} in family {family}"
+                raise UnsupportedFeatureError(msg, module=path)
+            self._emit(out, f"{prefix}_{flatten(rel)}", module)
+        return plan
+
+    @staticmethod
+    def _emit(out: PlannedFile, name: str, module) -> None:
+        algo = get_algorithm(module.algorithm)
+        for role, ref in module.tensors.items():
+            param = algo.param_names[role]
+            out.tensors[f"{name}.{param}"] = ref.renamed(f"{name}.{param}")
+        if module.alpha is not None:
+            dtype = alpha_dtype_for(module.alpha, module.alpha_dtype)
+            out.tensors[f"{name}.alpha"] = alpha_tensor(module.alpha, dtype).renamed(f"{name}.alpha")
+        if module.dora_scale is not None:
+            out.tensors[f"{name}.dora_scale"] = module.dora_scale.renamed(f"{name}.dora_scale")
+        for extra, ref in module.extras.items():
+            out.tensors[f"{name}.{extra}"] = ref.renamed(f"{name}.{extra}")
+
+
+def _may_be_split_qkv(metadata: dict[str, str]) -> bool:
+    """Whether fused ``up`` matrices may be block-diagonal (sd-scripts ``split_qkv``): said by
+    ``ss_network_args``, or unknown because the file has no sd-scripts metadata. Only then is ``up`` data read."""
+    args = metadata.get("ss_network_args")
+    if args:
+        try:
+            parsed = json.loads(args)
+        except ValueError:
+            parsed = {}
+        if isinstance(parsed, dict):
+            return str(parsed.get("split_qkv", "")).lower() == "true"
+    return "ss_network_module" not in metadata
 
 
 LAYOUT = KohyaLayout()
