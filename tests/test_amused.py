@@ -365,3 +365,34 @@ def test_fuse_into_transformer_file_is_base_plus_delta(small, tmp_path, where):
     for key, value in small["base_state"].items():
         if key not in touched:
             assert torch.equal(fused[key], value), key
+
+
+def test_fuse_into_pipeline_folder_fuses_transformer_and_text_encoder(small, tmp_path):
+    """A diffusers aMUSEd pipeline folder: both LoRA components are fused at the given scale, W + s·ΔW."""
+    pipe = tmp_path / "pipe"
+    (pipe / "transformer").mkdir(parents=True)
+    (pipe / "text_encoder").mkdir()
+    te_state = {k: v.contiguous() for k, v in _small_text_encoder().state_dict().items()}
+    save_file(small["base_state"], pipe / "transformer" / "diffusion_pytorch_model.safetensors")
+    save_file(te_state, pipe / "text_encoder" / "model.safetensors")
+    (pipe / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "AmusedPipeline",
+                "transformer": ["diffusers", "UVit2DModel"],
+                "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+            }
+        )
+    )
+    report = lorafmt.fuse(pipe, [(small["path"], 0.5)], tmp_path / "fused", device="cpu")
+    assert report.components == ["text_encoder", "transformer"]
+    files = {
+        "transformer": (load_file(tmp_path / "fused" / "transformer" / "diffusion_pytorch_model.safetensors"), small["base_state"]),
+        "text_encoder": (load_file(tmp_path / "fused" / "text_encoder" / "model.safetensors"), te_state),
+    }
+    for path, delta in small["deltas"].items():
+        component, rel = path.split(".", 1)
+        fused, base = files[component]
+        key = rel + ".weight"
+        want = base[key].numpy() + 0.5 * delta.reshape(base[key].shape)
+        np.testing.assert_allclose(fused[key].numpy(), want, rtol=1e-5, atol=1e-6, err_msg=path)
