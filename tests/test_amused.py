@@ -396,3 +396,20 @@ def test_fuse_into_pipeline_folder_fuses_transformer_and_text_encoder(small, tmp
         key = rel + ".weight"
         want = base[key].numpy() + 0.5 * delta.reshape(base[key].shape)
         np.testing.assert_allclose(fused[key].numpy(), want, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_layouts_without_amused_refuse_rather_than_misspell(small, tmp_path):
+    """Layouts that cannot spell UVit2DModel modules (kohya, comfyui, onetrainer, xlabs, bfl-control) refuse an
+    aMUSEd file with a LorafmtError and write nothing; diffusers and peft declare the family."""
+    from lorafmt.errors import LorafmtError
+    from lorafmt.layouts import available_layouts
+
+    writable = [lay for lay in available_layouts() if lay.capabilities.writable]
+    assert {"diffusers", "peft"} <= {lay.name for lay in writable if "amused" in lay.capabilities.families}
+    for lay in writable:
+        if "amused" in lay.capabilities.families:
+            continue
+        dst = tmp_path / f"{lay.name}.safetensors"
+        with pytest.raises(LorafmtError):
+            lorafmt.convert(small["path"], dst, to=lay.name)
+        assert not dst.exists(), lay.name
