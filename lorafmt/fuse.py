@@ -354,7 +354,10 @@ def _load_loras(loras: Sequence[Any], family: str | None) -> list[tuple[LoraFile
 
 
 _UNET_HINTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.")
-_TRANSFORMER_HINTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "pos_embed.", "context_embedder.")
+_TRANSFORMER_HINTS = (
+    "transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "pos_embed.", "context_embedder.",
+    "transformer_layers.", "mlm_layer.",  # UVit2DModel (aMUSEd)
+)
 _CLIP_HINTS = ("text_model.", "encoder.layers.", "embeddings.token_embedding")
 _T5_HINTS = ("encoder.block.", "shared.")
 
