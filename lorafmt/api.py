@@ -44,7 +44,7 @@ def detect(src: str | os.PathLike | Any, *, allow_pickle: bool | None = None) ->
         >>> d.layout, d.family  # doctest: +SKIP
         ('kohya', 'sdxl')
     """
-    source = open_source(src, allow_pickle=allow_pickle)
+    source = open_source(src, allow_pickle=allow_pickle, header_only=True)
     best, matches = pick_layout(source)
     lora = get_layout(best.layout).read(source)
     return Detection(
@@ -255,6 +255,7 @@ def write(
     lay = get_layout(layout)
     dtype = _norm_dtype(dtype)
     lora, notes = _check_expressible(lora, lay.name, allow_lossy, approx_rank=approx_rank, dtype=dtype)
+    lora, stale_hashes = _refresh_metadata(lora, lay.name, family)
     plan = lay.plan(lora, WriteOptions(family=family, allow_lossy=allow_lossy))
     report = ConversionReport(
         source=lora.provenance.source,
@@ -272,7 +273,22 @@ def write(
         if verify or needs_verification(plan.files, dtype):
             check = make_check(lora, layout=lay.name, family=family or lora.family, report=report)
     _execute(plan, Path(dst), dtype, force, report, check)
+    if stale_hashes and not plan.directory:
+        from lorafmt.metadata import update_file_hashes
+
+        update_file_hashes(dst, stale_hashes, style=stale_hashes)
     return report
+
+
+def _refresh_metadata(lora: LoraFile, layout: str, family: str | None) -> tuple[LoraFile, dict[str, str]]:
+    """Rewrite metadata a conversion makes stale (lorafmt.metadata); returns the hash keys to recompute."""
+    if not lora.metadata:
+        return lora, {}
+    from lorafmt.metadata import HASH_KEYS, refresh_metadata
+
+    stale = {k: v for k, v in lora.metadata.items() if k in HASH_KEYS}
+    fresh = refresh_metadata(lora.metadata, target_layout=layout, family=family or lora.family, modules=lora.modules)
+    return lora.model_copy(update={"metadata": fresh}), stale
 
 
 def _norm_dtype(dtype: str | None) -> str | None:
@@ -474,7 +490,7 @@ def inspect(
         >>> lorafmt.inspect("my_lora.safetensors")["family"]  # doctest: +SKIP
         'sdxl'
     """
-    lora = read(src, layout=layout, family=family, allow_pickle=allow_pickle)
+    lora = read(open_source(src, allow_pickle=allow_pickle, header_only=True), layout=layout, family=family)
     ranks: Counter[int] = Counter()
     alphas: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()
