@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
+import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -865,3 +867,14 @@ def fuse_summary(report: FuseReport) -> str:
     if report.unmatched:
         parts.append(f"{len(report.unmatched)} LoRA modules unmatched")
     return "; ".join(parts) + f" -> {report.output}"
+
+
+class _CallableModule(types.ModuleType):
+    """``lorafmt.fuse`` is both this module and the function: importing the submodule first (as the CLI does)
+    must not turn ``lorafmt.fuse(...)`` into "module is not callable"."""
+
+    def __call__(self, *args, **kwargs) -> FuseReport:
+        return fuse(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
