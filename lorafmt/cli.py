@@ -17,6 +17,11 @@ __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 EXIT_OK, EXIT_FINDINGS, EXIT_UNUSABLE = 0, 1, 2
 
 
+def _safe(line: str) -> str:
+    """Keys and metadata come from the file: escape control characters so a hostile file cannot drive the terminal."""
+    return line if line.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+
+
 def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -72,7 +77,7 @@ def _run_inspect(args) -> int:
         lines.append(f"unplaced    {len(info['unplaced_keys'])} keys, e.g. {', '.join(info['unplaced_keys'][:3])}")
     for d in info["issues"][:10]:
         lines.append(f"issue       [{d['code']}] {d['message']} ({d.get('module') or d.get('key')})")
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(_safe(line) for line in lines) + "\n")
     return EXIT_OK
 
 
@@ -89,7 +94,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--to", required=True, help="target layout (see `lorafmt layouts`)")
     p.add_argument("-o", "--output", required=True, help="output file (a folder for --to peft)")
     p.add_argument("--from", dest="source_layout", help="skip detection and read as this layout")
-    p.add_argument("--family", help="base-model family (sd1, sd2, sdxl, sd3, flux1) when detection can't tell")
+    p.add_argument("--family", help="base-model family (sd1, sd2, sdxl, sd3, flux1, amused) when detection can't tell")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="cast float tensors on write")
     p.add_argument("--allow-lossy", action="store_true", help="drop what the target cannot express, reporting each loss")
     p.add_argument(
@@ -134,7 +139,7 @@ def _run_convert(args) -> int:
         f"{report.bytes_streamed} bytes streamed, {report.bytes_computed} bytes computed\n"
     )
     for note in report.notes:
-        sys.stdout.write(f"  {note.severity}: [{note.code}] {note.message} ({note.module or note.key})\n")
+        sys.stdout.write(_safe(f"  {note.severity}: [{note.code}] {note.message} ({note.module or note.key})") + "\n")
     return EXIT_OK
 
 
@@ -165,7 +170,7 @@ def _run_diff(args) -> int:
         )
         for m in bad[:50]:
             detail = f" rel_error {m.rel_error:.3g}" if m.rel_error is not None else ""
-            sys.stdout.write(f"  {m.status:7s} {m.module}{detail}\n")
+            sys.stdout.write(_safe(f"  {m.status:7s} {m.module}{detail}") + "\n")
         if len(bad) > 50:
             sys.stdout.write(f"  ... and {len(bad) - 50} more\n")
     return EXIT_OK if report.same else EXIT_FINDINGS
@@ -243,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafmt", description="Convert, validate and fuse diffusion LoRA checkpoints.")
     parser.add_argument("--version", action="version", version=f"lorafmt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in [*SUBCOMMANDS, *_optional_subcommands()]:
@@ -254,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_allow_pickle(sub) -> None:
     """Every command that reads files accepts --allow-pickle (loads .ckpt/.pt/.bin via torch weights_only only)."""
     for name, p in sub.choices.items():
-        if name == "layouts" or any("--allow-pickle" in a.option_strings for a in p._actions):
+        # batch runs files in worker processes, which this process-local switch does not reach: not offered there
+        # until batch passes allow_pickle to its workers itself.
+        if name in ("layouts", "batch") or any("--allow-pickle" in a.option_strings for a in p._actions):
             continue
         p.add_argument(
             "--allow-pickle",

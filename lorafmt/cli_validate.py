@@ -78,7 +78,8 @@ def render_report(report: Any, out: TextIO, *, max_per_rule: int = MAX_LINES_PER
             hidden[finding.code] = hidden.get(finding.code, 0) + 1
             continue
         shown[finding.code] = n + 1
-        out.write(f"  {finding.line()}\n")
+        line = finding.line()  # keys come from the file: escape control characters (no terminal injection)
+        out.write("  " + (line if line.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)) + "\n")
     for code, n in hidden.items():
         out.write(f"  ... and {n} more {code} finding(s) (--json lists all)\n")
 

@@ -50,7 +50,7 @@ def not_a_lora(keys: list[str]) -> tuple[type[NotALoraError], str] | None:
         which = "SDXL " if any(k in ("clip_l", "clip_g") for k in keys) else ""
         return EmbeddingFileError, f"a {which}textual-inversion embedding"
     plain = [k for k in keys if not any(m in k.lower() for m in _ADAPTER_MARKERS)]
-    if len(plain) < 0.5 * len(keys):
+    if len(plain) <= 0.5 * len(keys):  # at least half the keys are adapter parameters: a (maybe broken) LoRA
         return None
     best: tuple[int, type[NotALoraError], str] | None = None
     for cls, what, prefixes in _NOT_LORA_KINDS:

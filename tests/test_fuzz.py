@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import lorafmt
@@ -249,6 +249,8 @@ def exercise(path: Path, out_dir: Path) -> None:
             pass
     for to in ("kohya", "diffusers", "peft"):
         out = out_dir / f"out-{to}"
+        if out == path:
+            continue
         try:
             lorafmt.convert(path, out, to=to, force=True)
         except LorafmtError:
@@ -322,6 +324,38 @@ def test_fuzz_state_dicts(spec):
             lorafmt.convert(state, Path(tmp) / "out.safetensors", to="kohya")
         except LorafmtError:
             pass
+
+
+_CONFIG_FIELDS = ["r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora", "use_dora", "lora_bias", "target_modules", "peft_type"]
+config_value = adapter_meta | st.dictionaries(st.sampled_from(["^down.*", "(", "[", ".*to_q", "to_q", "a**"]) | junk, adapter_meta, max_size=2)
+peft_config = st.dictionaries(st.sampled_from(_CONFIG_FIELDS) | junk, config_value, max_size=5)
+
+
+@FUZZ
+@given(peft_config, st.sampled_from(["peft", "diffusers"]), st.sampled_from(["unet", "text_encoder"]), st.booleans())
+# found by the long run: an alpha beyond float32 was written to kohya as an F16 inf (the output then failed to read)
+@example({"r": {}, "lora_alpha": 3.4028235677973366e38}, "peft", "unet", False)
+@example({"lora_alpha": "four", "alpha_pattern": ["x"]}, "diffusers", "unet", False)
+def test_fuzz_adapter_configs(config, layout, component, raw_json):
+    """A well-formed LoRA whose alpha config (adapter_config.json / lora_adapter_metadata) is junk."""
+    from safetensors.numpy import save_file
+
+    rel = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" if component == "unet" else "text_model.encoder.layers.0.self_attn.q_proj"
+    down, up = np.ones((4, 320), np.float16), np.ones((320, 4), np.float16)
+    with tempfile.TemporaryDirectory(prefix="lorafmt-fuzz-") as tmp:
+        tmp = Path(tmp)
+        text = json.dumps(config) if not raw_json else json.dumps(config)[: max(1, len(json.dumps(config)) // 2)]
+        if layout == "peft":
+            src = tmp / "in"
+            (src / component).mkdir(parents=True)
+            key = f"base_model.model.{rel[len('text_model.'):] if component == 'text_encoder' else rel}"
+            save_file({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}, str(src / component / "adapter_model.safetensors"))
+            (src / component / "adapter_config.json").write_text(text)
+        else:
+            src = tmp / "in.safetensors"
+            flat = json.dumps({f"{component}.{k}": v for k, v in config.items()}) if not raw_json else text
+            save_file({f"{component}.{rel}.lora_A.weight": down, f"{component}.{rel}.lora_B.weight": up}, str(src), metadata={"lora_adapter_metadata": flat})
+        exercise(src, tmp)
 
 
 @pytest.mark.parametrize("name", ["__metadata__", "", " ", "\n", "a" * 5000])

@@ -27,6 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
+def _has(module: str) -> bool:
+    """The optional command exists in this checkout (not only in another install of lorafmt on the path)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.origin is not None and Path(spec.origin).is_relative_to(Path(lorafmt.__file__).parent)
+
+
 class _System:
     def __init__(self, cmd: str) -> None:
         self.cmd = cmd
@@ -83,7 +91,7 @@ def test_refused_by_default_with_a_message_that_says_what_it_is(hostile):
                 verb(path)
             assert not isinstance(info.value, E.UnsafePickleError)
             text = str(info.value)
-            assert ("zip archive" in text or "Python pickle" in text) and str(path) in text
+            assert ("torch.save (a zip holding a pickle)" in text or "Python pickle" in text) and str(path) in text
             assert "--allow-pickle" in info.value.hint
     assert not marker.exists()
 
@@ -135,12 +143,32 @@ def test_cli_never_runs_the_payload(hostile, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out.safetensors"]
 
 
+@pytest.mark.skipif(not _has("lorafmt.cli_batch"), reason="no batch command")
+def test_batch_never_runs_the_payload(hostile, tmp_path, capsys):
+    """batch (worker processes) refuses pickles and offers no --allow-pickle until it passes the flag to workers."""
+    import json
+
+    files, marker = hostile
+    report = tmp_path / "report.jsonl"
+    for op in ("inspect", "validate"):
+        rc = main(["batch", op, *map(str, files), "--report", str(report), "--workers", "2", "--quiet"])
+        capsys.readouterr()
+        assert rc != 0
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(rows) == 2 * len(files)
+    assert {r["error_type"] for r in rows} == {"PickleFileError"}
+    with pytest.raises(SystemExit):
+        main(["batch", "inspect", str(files[0]), "--allow-pickle"])
+    capsys.readouterr()
+    assert not marker.exists()
+
+
 def test_cli_subprocess_never_runs_the_payload(hostile, tmp_path):
     files, marker = hostile
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # Processes that load torch are slow; two cover both paths (every command runs in-process above).
+    # Processes that load torch are slow: one runs the real entry point with --allow-pickle (the refusal without it
+    # runs in a process in test_hardening_corpus.py; every command runs in-process above).
     runs = [
-        ["diff", str(files[0]), str(files[7])],
         ["convert", str(files[4]), "--to", "diffusers", "-o", str(tmp_path / "o.safetensors"), "--allow-pickle"],
     ]
 
@@ -153,15 +181,9 @@ def test_cli_subprocess_never_runs_the_payload(hostile, tmp_path):
         assert proc.returncode == 2, (argv, proc.stderr)
         assert proc.stdout == "" and "Traceback" not in proc.stderr
         assert proc.stderr.startswith("lorafmt: error: ")
-    assert "--allow-pickle" in procs[0].stderr and "refused to unpickle" in procs[1].stderr
+    assert "refused to unpickle" in procs[0].stderr
     assert not marker.exists()
     assert not (tmp_path / "o.safetensors").exists()
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 # ------------------------------------------------------------------------------------------ benign pickles
@@ -226,6 +248,20 @@ def test_zip_that_is_not_a_torch_checkpoint(tmp_path):
     src = tmp_path / "lora.zip"
     with zipfile.ZipFile(src, "w") as zf:
         zf.writestr("lora.safetensors", b"not really")
+    for allow in (False, True):
+        with pytest.raises(E.NotSafetensorsError, match=r"zip archive \(lora.safetensors\)") as info:
+            lorafmt.read(src, allow_pickle=allow)
+        assert not isinstance(info.value, E.PickleFileError) and "unzip" in info.value.hint
+
+
+def test_zip_with_a_pickle_that_torch_cannot_load(tmp_path):
+    import zipfile
+
+    src = tmp_path / "weird.pt"
+    with zipfile.ZipFile(src, "w") as zf:
+        zf.writestr("weird/data.pkl", b"\x80\x02}q\x00.")
+    with pytest.raises(E.PickleFileError):
+        lorafmt.read(src)
     with pytest.raises(E.PickleFileError, match="not a loadable torch checkpoint"):
         lorafmt.read(src, allow_pickle=True)
 

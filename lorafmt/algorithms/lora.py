@@ -75,8 +75,10 @@ class LoRA(Algorithm):
         problems = super().check(module)
         down, up = module.tensors.get("down"), module.tensors.get("up")
         if down is not None and up is not None and not problems:
-            if len(down.shape) < 2 or len(up.shape) < 2:
-                problems.append(f"down {down.shape} / up {up.shape} are not matrices")
+            if len(down.shape) not in (2, 4) or len(up.shape) not in (2, 4):
+                problems.append(f"down {down.shape} / up {up.shape} are not 2-D (linear) or 4-D (conv) factors")
+            elif len(up.shape) == 4 and tuple(up.shape[2:]) != (1, 1):
+                problems.append(f"up {up.shape} is a conv factor with a {up.shape[2]}x{up.shape[3]} kernel; it must be 1x1")
             elif up.shape[1] != down.shape[0]:
                 problems.append(f"rank mismatch: down {down.shape} has rank {down.shape[0]}, up {up.shape} has {up.shape[1]}")
             mid = module.tensors.get("mid")

@@ -12,6 +12,7 @@ import math
 import os
 import stat
 import struct
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,8 +180,7 @@ def sniff_container(path: str, head: bytes, size: int) -> None:
         msg = "this is a git-lfs pointer file, not the weights; fetch the real file with `git lfs pull`"
         raise GitLfsPointerError(msg, file=path)
     if head.startswith(b"PK\x03\x04"):
-        msg = "this is a zip archive (a torch .pt/.ckpt/.bin checkpoint saved with torch.save?), not safetensors"
-        raise PickleFileError(msg, file=path, hint=_PICKLE_HINT)
+        _refuse_zip(path)
     if len(head) >= 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5):
         msg = "this is a Python pickle (a legacy torch checkpoint), not safetensors"
         raise PickleFileError(msg, file=path, hint=_PICKLE_HINT)
@@ -192,6 +192,26 @@ def sniff_container(path: str, head: bytes, size: int) -> None:
         if head.startswith(magic):
             msg = f"this is {what}, not safetensors"
             raise NotSafetensorsError(msg, file=path)
+
+
+def _refuse_zip(path: str) -> None:
+    """A zip is a torch.save checkpoint (pickle inside: PickleFileError) or some other archive; look at its names only."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError):
+        names = []
+    pickles = [n for n in names if n.endswith(".pkl")]
+    if pickles or not names:
+        what = "a torch checkpoint saved with torch.save (a zip holding a pickle)" if pickles else "a zip archive"
+        msg = f"this is {what}, not safetensors; pickles can run code, so lorafmt does not load them by default"
+        raise PickleFileError(msg, file=path, hint=_PICKLE_HINT)
+    if all(n.endswith(".npy") for n in names):
+        msg = f"this is a numpy .npz archive of {len(names)} arrays, not safetensors"
+        raise NotSafetensorsError(msg, file=path)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    msg = f"this is a zip archive ({shown}), not safetensors"
+    raise NotSafetensorsError(msg, file=path, hint="unzip it and pass the .safetensors file inside")
 
 
 _OTHER_MAGIC = (

@@ -81,6 +81,10 @@ def alpha_tensor(value: float, dtype: str | None, like: str | None = None) -> Te
     (sd-scripts saves alpha in the save dtype), else float32."""
     import numpy as np
 
+    with np.errstate(over="ignore"):
+        overflows = math.isfinite(value) and not math.isfinite(float(np.float32(value)))
+    if overflows:  # beyond float32 (only a hand-edited config gets here): keep it finite rather than write inf
+        return TensorRef.from_raw("alpha", "F64", np.asarray(value, dtype="<f8"))
     if dtype is None:
         dtype = "F32"
         if like in ("F16", "BF16"):

@@ -11,6 +11,8 @@ header entry, a JSON object of component-prefixed ``LoraConfig`` fields (``unet.
 ``unet.alpha_pattern`` …) that diffusers passes to ``LoraConfig``. Without it, scale is 1.
 
 Capabilities: LoRA only (no Tucker), DoRA on the output axis, lora_B bias, per-module alpha via metadata.
+Families: sd1, sd2, sdxl, sd3, flux1 and amused (``AmusedLoraLoaderMixin.save_lora_weights`` writes
+``transformer.`` / ``text_encoder.`` keys and no ``lora_adapter_metadata``: its files carry scale 1).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
 from lorafmt.layouts._common import ModuleParts, assemble, issue
 from lorafmt.naming.shapes import linear_factor
-from lorafmt.naming.peft_config import canonical_alpha, config_for_modules, pattern_value
+from lorafmt.naming.peft_config import config_alpha, config_for_modules
 from lorafmt.algorithms.dora import adopt_peft_magnitude, peft_magnitude_shape
 from lorafmt.schema import LoraFile, TensorRef
 
@@ -53,7 +55,7 @@ class DiffusersLayout(Layout):
         dora_axes=frozenset({"out"}),
         lora_bias=True,
         alpha="metadata",
-        families=frozenset({"sd1", "sd2", "sdxl", "sd3", "flux1"}),
+        families=frozenset({"sd1", "sd2", "sdxl", "sd3", "flux1", "amused"}),
         components=frozenset(COMPONENTS),
     )
 
@@ -87,8 +89,10 @@ class DiffusersLayout(Layout):
             component, rel = path.split(".", 1)
             cfg = configs.get(component)
             if cfg is not None and module.rank:
-                alpha = pattern_value(cfg.get("alpha_pattern"), rel, cfg.get("lora_alpha", module.rank))
-                module.alpha = float(canonical_alpha(float(alpha), module.rank, bool(cfg.get("use_rslora"))))
+                try:
+                    module.alpha = config_alpha(cfg, rel, module.rank)
+                except ValueError as exc:  # a hand-edited or hostile config: the scale is unknown, say so
+                    lora.issues.append(issue("R004", str(exc), key=f"__metadata__.{METADATA_KEY}", module=path))
             adopt_peft_magnitude(module)  # lora_magnitude_vector: output axis, canonical (out, 1[, 1, 1]) shape
         fam, fam_evidence = (family, ["given"]) if family else detect_family(lora)
         lora.family = fam

@@ -35,13 +35,13 @@ from collections import Counter
 
 
 from lorafmt.errors import SourceError
-from lorafmt.families import detect_family
+from lorafmt.families import AMUSED_ROOTS, detect_family
 from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
-from lorafmt.layouts._common import ModuleParts, assemble
+from lorafmt.layouts._common import ModuleParts, assemble, issue
 from lorafmt.naming.clip import canonical_text_path
 from lorafmt.naming.shapes import linear_factor
-from lorafmt.naming.peft_config import canonical_alpha, config_for_modules, pattern_value
+from lorafmt.naming.peft_config import config_alpha, config_for_modules, pattern_value
 from lorafmt.algorithms.dora import adopt_peft_magnitude, peft_magnitude_shape
 from lorafmt.schema import LoraFile, Module, TensorRef
 
@@ -69,6 +69,7 @@ _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out"
 _TRANSFORMER_ROOTS = (
     "transformer_blocks.", "single_transformer_blocks.", "x_embedder", "context_embedder", "proj_out", "norm_out",
     "time_text_embed.", "pos_embed",
+    *AMUSED_ROOTS,  # UVit2DModel (aMUSEd)
 )
 
 
@@ -103,7 +104,7 @@ class PeftLayout(Layout):
         dora_axes=frozenset({"out"}),
         lora_bias=True,
         alpha="config",
-        families=frozenset({"sd1", "sd2", "sdxl", "sd3", "flux1"}),
+        families=frozenset({"sd1", "sd2", "sdxl", "sd3", "flux1", "amused"}),
         components=frozenset(COMPONENTS),
         directory=True,
     )
@@ -154,8 +155,10 @@ class PeftLayout(Layout):
             if cfg and cfg.get("peft_type") in ("LOHA", "LOKR"):
                 _alpha_from_lycoris_config(module, rel, cfg)
             elif cfg and module.rank:
-                alpha = pattern_value(cfg.get("alpha_pattern"), rel, cfg.get("lora_alpha", module.rank))
-                module.alpha = float(canonical_alpha(float(alpha), module.rank, bool(cfg.get("use_rslora"))))
+                try:
+                    module.alpha = config_alpha(cfg, rel, module.rank)
+                except ValueError as exc:  # a hand-edited or hostile config: the scale is unknown, say so
+                    lora.issues.append(issue("R004", str(exc), key="adapter_config.json", module=path))
             adopt_peft_magnitude(module)
         fam, fam_evidence = (family, ["given"]) if family else detect_family(lora)
         lora.family = fam

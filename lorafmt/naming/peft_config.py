@@ -10,15 +10,17 @@ import re
 from collections import Counter
 from typing import Any
 
-__all__ = ["pattern_value", "module_pattern", "config_for_modules", "canonical_alpha"]
+__all__ = ["pattern_value", "module_pattern", "config_for_modules", "canonical_alpha", "config_alpha"]
 
 
 def pattern_value(patterns: dict[str, Any] | None, name: str, default: Any) -> Any:
     """What PEFT picks for module `name` (``peft.utils.other.get_pattern_key``: first key k with
     ``re.match(rf"(.*\\.)?({k})$", name)``)."""
     # CLIP module names lost their ``text_model.`` level in transformers 5; configs may use either spelling.
+    if not isinstance(patterns, dict):  # absent, or junk from a hand-edited config
+        return default
     names = [name, name[len("text_model.") :]] if name.startswith("text_model.") else [name]
-    for key, value in (patterns or {}).items():
+    for key, value in patterns.items():
         for candidate in names:
             try:
                 if re.match(rf"(.*\.)?({key})$", candidate):
@@ -26,6 +28,23 @@ def pattern_value(patterns: dict[str, Any] | None, name: str, default: Any) -> A
             except re.error:
                 break
     return default
+
+
+def config_alpha(cfg: dict[str, Any], rel: str, rank: int) -> float:
+    """The canonical alpha a PEFT/diffusers config gives module `rel` of rank `rank`.
+
+    Raises ValueError (with a one-line reason) when the config is not what PEFT would accept: a non-object
+    ``alpha_pattern``, a non-numeric or non-finite/non-positive ``lora_alpha``. Configs come from the file.
+    """
+    patterns = cfg.get("alpha_pattern")
+    if patterns is not None and not isinstance(patterns, dict):
+        msg = f"alpha_pattern is a {type(patterns).__name__}, not an object"
+        raise ValueError(msg)
+    alpha = pattern_value(patterns, rel, cfg.get("lora_alpha", rank))
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        msg = f"config alpha {alpha!r} for this module is not a positive finite number"
+        raise ValueError(msg)
+    return float(canonical_alpha(float(alpha), rank, bool(cfg.get("use_rslora"))))
 
 
 def module_pattern(rel: str, *, text_encoder: bool) -> str:
