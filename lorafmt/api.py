@@ -403,8 +403,6 @@ def module_delta(module) -> np.ndarray:
     For algorithms whose effect depends on the base weight (IA3, OFT) the parameters themselves are returned
     (flattened, alpha appended): equal parameters mean an equal effect on any base.
     """
-    import numpy as np
-
     algo = get_algorithm(module.algorithm)
     if algo.needs_base:
         import numpy as np
