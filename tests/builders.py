@@ -39,7 +39,26 @@ SDXL_MODULES = {
     "text_encoder.text_model.encoder.layers.0.self_attn.k_proj": (768, 768),
     "text_encoder_2.text_model.encoder.layers.31.mlp.fc1": (5120, 1280),
 }
-FAMILY_MODULES = {"sd1": SD1_MODULES, "sd2": SD2_MODULES, "sdxl": SDXL_MODULES}
+# Flux.1 / SD3 (diffusers names, real widths). At most one part of each fused projection (BFL qkv/linear1, SAI
+# attn.qkv), so that writing to a fused layout joins it with zero rows and reading splits it back bit for bit;
+# parts with different scales are joined exactly but not bit for bit (their scale ratio is folded).
+FLUX1_MODULES = {
+    "transformer.transformer_blocks.0.attn.to_q": (3072, 3072),
+    "transformer.transformer_blocks.0.attn.to_out.0": (3072, 3072),
+    "transformer.transformer_blocks.0.attn.to_add_out": (3072, 3072),
+    "transformer.single_transformer_blocks.0.proj_out": (3072, 15360),
+    "transformer.single_transformer_blocks.1.attn.to_k": (3072, 3072),
+}
+SD3_MODULES = {
+    "transformer.transformer_blocks.0.attn.to_q": (1536, 1536),
+    "transformer.transformer_blocks.0.attn.to_out.0": (1536, 1536),
+    "transformer.transformer_blocks.0.ff.net.0.proj": (6144, 1536),
+    "transformer.transformer_blocks.0.norm1_context.linear": (9216, 1536),
+    "transformer.context_embedder": (1536, 4096),
+    "transformer.proj_out": (64, 1536),
+    "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q": (4096, 4096),
+}
+FAMILY_MODULES = {"sd1": SD1_MODULES, "sd2": SD2_MODULES, "sdxl": SDXL_MODULES, "flux1": FLUX1_MODULES, "sd3": SD3_MODULES}
 
 
 def factors(shape: tuple[int, ...], rank: int, rng: np.random.Generator, dtype=np.float16):

@@ -98,14 +98,15 @@ class ComfyUILayout(Layout):
                     native.append(m.group(2))
             elif _SET_RE.match(key) or key == _RESHAPE_KEY:
                 claimed += 1
-        if not claimed or bfl_or_sai(native) is None:
+        if not claimed or (native and bfl_or_sai(native) is None):
             return None
         total = len(source.tensors)
         return Match(self.name, round(100 * claimed / total), [f"{claimed}/{total} keys are diffusion_model.<native name>.lora_A/lora_B"])
 
     def read(self, source: Source, *, family: str | None = None) -> LoraFile:
         native_paths = [m.group(2) for k in source.tensors if (m := _KEY_RE.match(k)) and m.group(1) == "diffusion_model"]
-        tfamily = family if family in _TEXT else bfl_or_sai(native_paths) or "flux1"
+        clip_g = any(k.startswith("text_encoders.clip_g.") for k in source.tensors)
+        tfamily = family if family in _TEXT else bfl_or_sai(native_paths) or ("sd3" if clip_g else "flux1")
         groups: dict[str, ModuleParts] = {}
         unplaced: dict[str, TensorRef] = {}
         issues: list = []
