@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from lorafmt.errors import (
     UnplacedKeysError,
     UnsupportedFeatureError,
 )
-from lorafmt.io.atomic import atomic_directory
+from lorafmt.io.atomic import atomic_directory, atomic_output
 from lorafmt.io.safetensors_io import WriteEntry, write_safetensors
 from lorafmt.io.source import Source, open_source
 from lorafmt.layouts import get_layout
@@ -43,7 +44,7 @@ def detect(src: str | os.PathLike | Any, *, allow_pickle: bool | None = None) ->
         >>> d.layout, d.family  # doctest: +SKIP
         ('kohya', 'sdxl')
     """
-    source = open_source(src, allow_pickle=allow_pickle)
+    source = open_source(src, allow_pickle=allow_pickle, header_only=True)
     best, matches = pick_layout(source)
     lora = get_layout(best.layout).read(source)
     return Detection(
@@ -186,7 +187,10 @@ def _entry(key: str, ref: TensorRef, dtype: str | None) -> tuple[WriteEntry, boo
     return WriteEntry(key, target, tuple(ref.shape), data=from_float32(ref.float32(), target).tobytes()), False
 
 
-def _execute(plan: WritePlan, dst: Path, dtype: str | None, force: bool, report: ConversionReport) -> None:
+def _execute(
+    plan: WritePlan, dst: Path, dtype: str | None, force: bool, report: ConversionReport, check: Callable[[Path], None] | None = None
+) -> None:
+    """Write `plan` atomically; `check(tmp)` (verification) runs on the finished temporary output before the rename."""
     def entries_for(tensors: dict[str, TensorRef]) -> list[WriteEntry]:
         out = []
         for key, ref in tensors.items():
@@ -201,7 +205,12 @@ def _execute(plan: WritePlan, dst: Path, dtype: str | None, force: bool, report:
 
     if not plan.directory:
         planned = plan.files[""]
-        write_safetensors(dst, entries_for(planned.tensors), planned.metadata, force=force)
+        if check is None:
+            write_safetensors(dst, entries_for(planned.tensors), planned.metadata, force=force)
+            return
+        with atomic_output(dst, force=force) as tmp:
+            write_safetensors(tmp, entries_for(planned.tensors), planned.metadata, force=True)
+            check(Path(tmp))
         return
     with atomic_directory(dst, force=force) as tmp:
         for rel, planned in sorted(plan.files.items()):
@@ -212,6 +221,8 @@ def _execute(plan: WritePlan, dst: Path, dtype: str | None, force: bool, report:
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
+        if check is not None:
+            check(tmp)
 
 
 def write(
@@ -224,11 +235,17 @@ def write(
     allow_lossy: bool = False,
     force: bool = True,
     approx_rank: int | None = None,
+    verify: bool | None = None,
 ) -> ConversionReport:
     """Write a canonical LoRA in `layout` (a file, or a folder for ``peft``), atomically.
 
     With ``allow_lossy=True, approx_rank=R``, modules the layout cannot express (LoHa, LoKr, full, Tucker, ...)
     are approximated as rank-R LoRA; the report's ``W003`` notes give each module's relative error.
+
+    `verify` (default: whenever the write does tensor math or changes a dtype) reads the temporary output
+    back and refuses, with :class:`~lorafmt.errors.VerificationError`, a module whose ΔW differs beyond the
+    dtype's tolerance (see :mod:`lorafmt.verify`). Modules dropped by ``allow_lossy`` are not expected in the
+    output; approximated ones are checked against their approximation.
 
     Example:
         >>> lorafmt.write(lora, "out.safetensors", layout="diffusers")  # doctest: +SKIP
@@ -238,6 +255,7 @@ def write(
     lay = get_layout(layout)
     dtype = _norm_dtype(dtype)
     lora, notes = _check_expressible(lora, lay.name, allow_lossy, approx_rank=approx_rank, dtype=dtype)
+    lora, stale_hashes = _refresh_metadata(lora, lay.name, family)
     plan = lay.plan(lora, WriteOptions(family=family, allow_lossy=allow_lossy))
     report = ConversionReport(
         source=lora.provenance.source,
@@ -248,8 +266,29 @@ def write(
         modules=len(lora.modules),
         notes=[*notes, *plan.notes],
     )
-    _execute(plan, Path(dst), dtype, force, report)
+    check = None
+    if verify is not False:
+        from lorafmt.verify import make_check, needs_verification
+
+        if verify or needs_verification(plan.files, dtype):
+            check = make_check(lora, layout=lay.name, family=family or lora.family, report=report)
+    _execute(plan, Path(dst), dtype, force, report, check)
+    if stale_hashes and not plan.directory:
+        from lorafmt.metadata import update_file_hashes
+
+        update_file_hashes(dst, stale_hashes, style=stale_hashes)
     return report
+
+
+def _refresh_metadata(lora: LoraFile, layout: str, family: str | None) -> tuple[LoraFile, dict[str, str]]:
+    """Rewrite metadata a conversion makes stale (lorafmt.metadata); returns the hash keys to recompute."""
+    if not lora.metadata:
+        return lora, {}
+    from lorafmt.metadata import HASH_KEYS, refresh_metadata
+
+    stale = {k: v for k, v in lora.metadata.items() if k in HASH_KEYS}
+    fresh = refresh_metadata(lora.metadata, target_layout=layout, family=family or lora.family, modules=lora.modules)
+    return lora.model_copy(update={"metadata": fresh}), stale
 
 
 def _norm_dtype(dtype: str | None) -> str | None:
@@ -277,6 +316,7 @@ def convert(
     force: bool = False,
     allow_pickle: bool | None = None,
     approx_rank: int | None = None,
+    verify: bool | None = None,
 ) -> ConversionReport:
     """Convert a LoRA to another layout. Refuses unplaced keys, structural errors and lossy writes by default.
 
@@ -306,7 +346,8 @@ def convert(
         for key in sorted(lora.unplaced):
             notes.append(Diagnostic(code="W002", severity="warning", message="dropped unplaced key", key=key))
     report = write(
-        lora, dst, layout=to, family=family, dtype=dtype, allow_lossy=allow_lossy or not strict, force=force, approx_rank=approx_rank
+        lora, dst, layout=to, family=family, dtype=dtype, allow_lossy=allow_lossy or not strict, force=force, approx_rank=approx_rank,
+        verify=verify,
     )
     report.notes = [*notes, *report.notes]
     return report
@@ -449,7 +490,7 @@ def inspect(
         >>> lorafmt.inspect("my_lora.safetensors")["family"]  # doctest: +SKIP
         'sdxl'
     """
-    lora = read(src, layout=layout, family=family, allow_pickle=allow_pickle)
+    lora = read(open_source(src, allow_pickle=allow_pickle, header_only=True), layout=layout, family=family)
     ranks: Counter[int] = Counter()
     alphas: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()

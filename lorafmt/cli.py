@@ -30,6 +30,7 @@ def _add_inspect(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--from", dest="layout", help="skip detection and read as this layout")
     p.add_argument("--family", help="skip family detection")
+    p.add_argument("--plot", metavar="PNG", help="also draw per-block rank / ΔW-norm bars into PNG (needs lorafmt[plot])")
     p.set_defaults(func=_run_inspect)
 
 
@@ -37,8 +38,18 @@ def _run_inspect(args) -> int:
     from lorafmt.api import inspect
 
     info = inspect(args.path, layout=args.layout, family=args.family)
+    if args.plot:
+        from lorafmt.api import read
+        from lorafmt.plot import plot_lora
+
+        plot_lora(read(args.path, layout=args.layout, family=args.family), args.plot)
     if args.json:
         _print_json(info)
+        return EXIT_OK
+    if sys.stdout.isatty():
+        from lorafmt.plot import render_inspect
+
+        sys.stdout.write(render_inspect(info, color=True) + "\n")
         return EXIT_OK
     lines = [
         f"file        {info['path']}",
@@ -89,6 +100,13 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--json", action="store_true", help="print the conversion report as JSON")
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read the output back and compare every module's weight change with the source before it is renamed "
+        "into place (default: on whenever the conversion does tensor math or changes a dtype)",
+    )
     p.set_defaults(func=_run_convert)
 
 
@@ -105,6 +123,7 @@ def _run_convert(args) -> int:
         allow_lossy=args.allow_lossy,
         force=args.force,
         approx_rank=args.approx_rank,
+        verify=args.verify,
     )
     if args.json:
         _print_json(report.model_dump())

@@ -39,24 +39,28 @@ SDXL_MODULES = {
     "text_encoder.text_model.encoder.layers.0.self_attn.k_proj": (768, 768),
     "text_encoder_2.text_model.encoder.layers.31.mlp.fc1": (5120, 1280),
 }
-# Flux.1 / SD3 (diffusers names, real widths). At most one part of each fused projection (BFL qkv/linear1, SAI
-# attn.qkv), so that writing to a fused layout joins it with zero rows and reading splits it back bit for bit;
-# parts with different scales are joined exactly but not bit for bit (their scale ratio is folded).
 FLUX1_MODULES = {
     "transformer.transformer_blocks.0.attn.to_q": (3072, 3072),
+    "transformer.transformer_blocks.0.attn.to_k": (3072, 3072),
+    "transformer.transformer_blocks.0.attn.to_v": (3072, 3072),
     "transformer.transformer_blocks.0.attn.to_out.0": (3072, 3072),
-    "transformer.transformer_blocks.0.attn.to_add_out": (3072, 3072),
+    "transformer.transformer_blocks.0.attn.add_q_proj": (3072, 3072),
+    "transformer.transformer_blocks.0.ff.net.0.proj": (12288, 3072),
+    "transformer.transformer_blocks.0.norm1.linear": (18432, 3072),
+    "transformer.single_transformer_blocks.0.attn.to_q": (3072, 3072),
+    "transformer.single_transformer_blocks.0.proj_mlp": (12288, 3072),
     "transformer.single_transformer_blocks.0.proj_out": (3072, 15360),
-    "transformer.single_transformer_blocks.1.attn.to_k": (3072, 3072),
+    "transformer.x_embedder": (3072, 64),
+    "transformer.context_embedder": (3072, 4096),
+    "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (768, 768),
 }
 SD3_MODULES = {
     "transformer.transformer_blocks.0.attn.to_q": (1536, 1536),
-    "transformer.transformer_blocks.0.attn.to_out.0": (1536, 1536),
-    "transformer.transformer_blocks.0.ff.net.0.proj": (6144, 1536),
-    "transformer.transformer_blocks.0.norm1_context.linear": (9216, 1536),
+    "transformer.transformer_blocks.0.attn.add_k_proj": (1536, 1536),
+    "transformer.transformer_blocks.0.ff.net.2": (1536, 6144),
+    "transformer.transformer_blocks.3.attn.to_out.0": (1536, 1536),
     "transformer.context_embedder": (1536, 4096),
-    "transformer.proj_out": (64, 1536),
-    "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q": (4096, 4096),
+    "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (768, 768),
 }
 FAMILY_MODULES = {"sd1": SD1_MODULES, "sd2": SD2_MODULES, "sdxl": SDXL_MODULES, "flux1": FLUX1_MODULES, "sd3": SD3_MODULES}
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lorafmt
+from lorafmt.errors import UnsupportedFeatureError
 from lorafmt.layouts import available_layouts
 from lorafmt.schema import LoraFile, Module, TensorRef
 from builders import FAMILY_MODULES
@@ -56,7 +57,10 @@ def test_write_read_is_lossless(layout):
     def check(lora):
         with tempfile.TemporaryDirectory() as tmp:
             dst = _out(tmp, layout, "a")
-            lorafmt.write(lora, dst, layout=layout)
+            try:
+                lorafmt.write(lora, dst, layout=layout)
+            except UnsupportedFeatureError:
+                assume(False)  # a module set this layout cannot spell (e.g. XLabs: attention only)
             back = lorafmt.read(dst, family=lora.family)
             assert set(back.modules) == set(lora.modules)
             for path, m in lora.modules.items():
@@ -83,7 +87,10 @@ def test_output_bytes_do_not_depend_on_key_order(layout):
         ordered = lora.model_copy(update={"metadata": dict(meta)})
         with tempfile.TemporaryDirectory() as tmp:
             a, b = _out(tmp, layout, "a"), _out(tmp, layout, "b")
-            lorafmt.write(ordered, a, layout=layout)
+            try:
+                lorafmt.write(ordered, a, layout=layout)
+            except UnsupportedFeatureError:
+                assume(False)
             lorafmt.write(shuffled, b, layout=layout)
             files_a = sorted(p.relative_to(a) for p in a.rglob("*")) if a.is_dir() else [Path()]
             for rel in files_a:

@@ -78,6 +78,7 @@ class Algorithm:
         """The patched weight for `base_weight` (float32): ``W + multiplier·ΔW``; with a DoRA magnitude,
         ``W + multiplier·(DoRA(W, ΔW) − W)`` (A1111/ComfyUI strength convention, see :mod:`lorafmt.algorithms.dora`).
         """
+        import numpy as np
         base = np.asarray(base_weight, dtype=np.float32)
         if self.needs_base:
             new = self._apply_base(module, base)

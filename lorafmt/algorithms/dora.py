@@ -30,7 +30,11 @@ Example:
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
 
 __all__ = [
     "apply_dora",
@@ -41,11 +45,12 @@ __all__ = [
     "adopt_peft_magnitude",
 ]
 
-_EPS = np.finfo(np.float32).eps  # LyCORIS/ComfyUI add float eps to the norm; PEFT does not (difference ~1e-7)
+_EPS = 1.1920928955078125e-07  # float32 eps: LyCORIS/ComfyUI add float eps to the norm; PEFT does not (difference ~1e-7)
 
 
 def weight_norm(weight: np.ndarray, axis: str) -> np.ndarray:
     """‖W‖ per output row (``axis="out"``, shape (out, 1, …)) or per input column (``"in"``, shape (1, in, …))."""
+    import numpy as np
     w = np.asarray(weight, dtype=np.float32)
     rest = (1,) * (w.ndim - 1)
     if axis == "out":
@@ -58,6 +63,7 @@ def weight_norm(weight: np.ndarray, axis: str) -> np.ndarray:
 
 
 def _broadcast_magnitude(magnitude: np.ndarray, weight_shape: tuple[int, ...], axis: str) -> np.ndarray:
+    import numpy as np
     m = np.asarray(magnitude, dtype=np.float32).reshape(-1)
     n = weight_shape[0] if axis == "out" else weight_shape[1]
     if m.size != n:
@@ -73,6 +79,7 @@ def apply_dora(base: np.ndarray, delta: np.ndarray, magnitude: np.ndarray, axis:
     `magnitude` may have any of the producers' shapes ((out,), (out,1), (1,out,1,1), (1,in), ...); only its
     values and `axis` matter. `delta` is the algorithm's ΔW at strength 1 (scale included).
     """
+    import numpy as np
     w = np.asarray(base, dtype=np.float32) + np.asarray(delta, dtype=np.float32).reshape(np.shape(base))
     m = _broadcast_magnitude(magnitude, w.shape, axis)
     return (w * (m / (weight_norm(w, axis) + _EPS))).astype(np.float32, copy=False)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 
 from lorafmt.algorithms._base import Algorithm
 
 if TYPE_CHECKING:
+    import numpy as np
     from lorafmt.schema import Module
 
 
@@ -28,12 +28,14 @@ class Full(Algorithm):
     detect_param = frozenset({"diff"})
 
     def delta(self, module: Module, base_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        import numpy as np
         dw = module.tensors["diff"].float32() * np.float32(module.scale)
         if base_shape is not None and tuple(dw.shape) != tuple(base_shape):
             dw = dw.reshape(base_shape)
         return dw.astype(np.float32, copy=False)
 
     def bias_delta(self, module: Module) -> np.ndarray | None:
+        import numpy as np
         ref = module.tensors.get("diff_b")
         return None if ref is None else ref.float32() * np.float32(module.scale)
 

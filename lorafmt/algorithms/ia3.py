@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 
 from lorafmt.algorithms._base import Algorithm
 
 if TYPE_CHECKING:
+    import numpy as np
     from lorafmt.schema import Module
 
 
@@ -35,6 +35,7 @@ class IA3(Algorithm):
 
     @staticmethod
     def on_input(module: Module) -> bool:
+        import numpy as np
         ref = module.tensors.get("on_input")
         return bool(ref is not None and np.asarray(ref.raw()).reshape(-1)[0])
 
@@ -42,6 +43,7 @@ class IA3(Algorithm):
         raise self._needs_base_error(module)
 
     def _apply_base(self, module: Module, base: np.ndarray) -> np.ndarray:
+        import numpy as np
         gain = module.tensors["weight"].float32().reshape(-1) * np.float32(module.scale)
         rest = (1,) * (base.ndim - 1)
         if self.on_input(module):

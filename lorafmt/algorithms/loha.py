@@ -19,16 +19,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 
 from lorafmt.algorithms._base import Algorithm
 
 if TYPE_CHECKING:
+    import numpy as np
     from lorafmt.schema import Module
 
 
 def rebuild_tucker(t: np.ndarray, wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
     """LyCORIS ``rebuild_tucker``: ``einsum("i j ..., i p, j r -> p r ...", t, wa, wb)`` (wa (r, out), wb (r, in))."""
+    import numpy as np
     return np.einsum("ij...,ip,jr->pr...", t, wa, wb)
 
 
@@ -54,6 +55,7 @@ class LoHa(Algorithm):
         return "t1" in module.tensors
 
     def delta(self, module: Module, base_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        import numpy as np
         t = {k: v.float32() for k, v in module.tensors.items()}
         if "t1" in t:
             dw = rebuild_tucker(t["t1"], t["w1_a"], t["w1_b"]) * rebuild_tucker(t["t2"], t["w2_a"], t["w2_b"])
@@ -68,6 +70,7 @@ class LoHa(Algorithm):
 
     def weight_shape(self, module: Module) -> tuple[int, ...] | None:
         """(out, in) — for plain conv factors (out, in·kh·kw), the kernel being flattened into ``hada_w*_b``."""
+        import numpy as np
         t = module.tensors
         if "t1" in t:
             return (t["w1_a"].shape[1], t["w1_b"].shape[1], *t["t1"].shape[2:])

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 
 from lorafmt.algorithms._base import Algorithm
 from lorafmt.algorithms.loha import rebuild_tucker
 
 if TYPE_CHECKING:
+    import numpy as np
     from lorafmt.schema import Module
 
 
@@ -66,6 +66,7 @@ class LoKr(Algorithm):
         return w1, w2
 
     def delta(self, module: Module, base_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        import numpy as np
         w1, w2 = self.kron_factors(module)
         w1 = w1.reshape(*w1.shape, *(1,) * (w2.ndim - w1.ndim))
         dw = np.kron(w1, w2) * np.float32(module.scale)
@@ -75,6 +76,7 @@ class LoKr(Algorithm):
 
     def kron_shapes(self, module: Module) -> tuple[tuple[int, int], tuple[int, ...]]:
         """((a, c), (b, d[, kh, kw])) — the shapes of w1 and w2 (a plain conv w2 reports (b, d·kh·kw))."""
+        import numpy as np
         t = module.tensors
         w1 = tuple(t["w1"].shape) if "w1" in t else (t["w1_a"].shape[0], t["w1_b"].shape[1])
         if "w2" in t:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 
 from lorafmt.algorithms._base import Algorithm
 
 if TYPE_CHECKING:
+    import numpy as np
     from lorafmt.schema import Module
 
 
@@ -29,12 +29,14 @@ class Norm(Algorithm):
     detect_param = frozenset({"w_norm"})
 
     def delta(self, module: Module, base_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        import numpy as np
         dw = module.tensors["w_norm"].float32() * np.float32(module.scale)
         if base_shape is not None and tuple(dw.shape) != tuple(base_shape):
             dw = dw.reshape(base_shape)
         return dw.astype(np.float32, copy=False)
 
     def bias_delta(self, module: Module) -> np.ndarray | None:
+        import numpy as np
         ref = module.tensors.get("b_norm")
         return None if ref is None else ref.float32() * np.float32(module.scale)
 

@@ -24,16 +24,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 
 from lorafmt.algorithms._base import Algorithm
 
 if TYPE_CHECKING:
+    import numpy as np
     from lorafmt.schema import Module
 
 
 def cayley(blocks: np.ndarray, constraint: float | None) -> np.ndarray:
     """R = (I + Q)(I − Q)⁻¹ with Q = B − Bᵀ (last two axes), Q's norm capped at `constraint` (LyCORIS ``get_r``)."""
+    import numpy as np
     b = np.asarray(blocks, dtype=np.float64)
     q = b - np.swapaxes(b, -1, -2)
     if constraint is not None and constraint > 0:
@@ -70,6 +71,7 @@ class OFT(Algorithm):
         raise self._needs_base_error(module)
 
     def _apply_base(self, module: Module, base: np.ndarray) -> np.ndarray:
+        import numpy as np
         out_dim, *rest = base.shape
         r = self.rotations(module, out_dim)
         if r.ndim == 4:
@@ -106,6 +108,7 @@ class OFT(Algorithm):
 
 def _butterfly(r: np.ndarray, base: np.ndarray) -> np.ndarray:
     """LyCORIS ``functional/boft.py`` · ``_diff_weight`` without the final subtraction."""
+    import numpy as np
     m, _, b, _ = r.shape
     rest = base.shape[1:]
     half = b // 2

@@ -164,15 +164,26 @@ def pickle_loading(allowed: bool) -> Iterator[None]:
 
 
 def open_source(
-    src: str | os.PathLike | Any, *, metadata: dict[str, str] | None = None, allow_pickle: bool | None = None
+    src: str | os.PathLike | Any,
+    *,
+    metadata: dict[str, str] | None = None,
+    allow_pickle: bool | None = None,
+    header_only: bool = False,
 ) -> Source:
-    """Open a path (file or folder) or wrap a state dict, reading headers only.
+    """Open a path (file or folder), an ``hf://owner/repo/file[@rev]`` URL, or wrap a state dict, reading headers only.
 
     Pickle/zip checkpoints are refused with :class:`~lorafmt.errors.PickleFileError` unless `allow_pickle`
     (then they load through ``torch.load(weights_only=True)`` only; see :mod:`lorafmt.io.pickle_io`).
+
+    `header_only`: the caller reads no tensor data besides scalars, so a hub file that is not cached may be read
+    with ranged requests instead of downloaded (see :mod:`lorafmt.hub`).
     """
     if isinstance(src, Source):
         return src
+    if isinstance(src, str) and src.startswith("hf://"):
+        from lorafmt.hub import open_hub_source
+
+        return open_hub_source(src, header_only=header_only)
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         if os.path.isdir(path):

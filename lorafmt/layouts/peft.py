@@ -24,11 +24,15 @@ Capabilities: LoRA, DoRA (output axis), lora_B bias, LoHa, LoKr, per-module alph
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
 import json
 import re
 from collections import Counter
 
-import numpy as np
 
 from lorafmt.errors import SourceError
 from lorafmt.families import detect_family
@@ -297,6 +301,7 @@ class PeftLayout(Layout):
 
 def _alpha_from_lycoris_config(module: Module, rel: str, cfg: dict) -> None:
     """Canonical alpha from a LoHaConfig/LoKrConfig (PEFT scale = alpha / r, r per ``rank_pattern``)."""
+    import numpy as np
     r_cfg = pattern_value(cfg.get("rank_pattern"), rel, cfg.get("r", 8))
     a_cfg = pattern_value(cfg.get("alpha_pattern"), rel, cfg.get("alpha", r_cfg))
     try:
