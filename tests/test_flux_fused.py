@@ -139,3 +139,14 @@ def test_lokr_on_fused_qkv_splits_on_w1_rows_and_joins_back(tmp_path):
     odd = Module(path=m.path, algorithm="lokr", tensors={"w1": ref((2, 4), "F32"), "w2": ref((12, 3), "F32")})
     _, failed = native_to_canonical({m.path: odd}, FLUX_NAMES)
     assert m.path in failed and "w1 rows" in failed[m.path][1]
+
+
+def test_lokr_single_part_joins_with_zero_rows_and_reads_back_alone():
+    w1, w2 = ref((2, 4), "F16"), ref((4, 3), "F16")
+    q = Module(path="transformer.transformer_blocks.0.attn.to_q", algorithm="lokr", tensors={"w1": w1, "w2": w2})
+    native, _, failed = canonical_to_native({q.path: q}, FLUX_NAMES)
+    assert not failed
+    (fused,) = native.values()
+    assert fused.tensors["w1"].shape == (6, 4)
+    canon, _ = native_to_canonical(native, FLUX_NAMES, detect_block_diagonal=True)
+    assert list(canon) == [q.path] and np.array_equal(canon[q.path].tensors["w1"].raw(), w1.raw())

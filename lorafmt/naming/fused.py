@@ -184,7 +184,7 @@ def split_module(
         msg = "a DoRA magnitude per input column on a fused projection cannot be split exactly"
         raise FusedError(msg)
     if module.algorithm == "lokr":
-        return _split_lokr(module, paths, sizes)
+        return _split_lokr(module, paths, sizes, drop_zero=detect_block_diagonal)
     row_roles = SPLITTABLE.get(module.algorithm)
     if row_roles is None:
         msg = f"algorithm {module.algorithm!r} on a fused projection cannot be split exactly"
@@ -239,9 +239,10 @@ def _lokr_factor_rows(module: Module) -> tuple[str, int, int]:
     return w1_role, t[w1_role].shape[0], b
 
 
-def _split_lokr(module: Module, paths: Sequence[str], sizes: Sequence[int]) -> list[Module]:
+def _split_lokr(module: Module, paths: Sequence[str], sizes: Sequence[int], *, drop_zero: bool = False) -> list[Module]:
     """Rows of kron(w1, w2) in blocks of w2's row count come from one w1 row each: a split on those boundaries
-    slices w1 (or w1_a) by rows and shares everything else — exact, no data read."""
+    slices w1 (or w1_a) by rows and shares everything else — exact, no data read. With `drop_zero`, parts whose
+    w1 rows are all zero (absent when joined) are left out, as for LoRA."""
     w1_role, a, b = _lokr_factor_rows(module)
     if sum(sizes) != a * b:
         msg = f"{module.path}: {a * b} output rows do not split into {list(sizes)}"
@@ -255,8 +256,12 @@ def _split_lokr(module: Module, paths: Sequence[str], sizes: Sequence[int]) -> l
         tensors = dict(module.tensors)
         tensors[w1_role] = row_slice(tensors[w1_role], start // b, (start + size) // b)
         dora = row_slice(module.dora_scale, start, start + size) if module.dora_scale is not None else None
-        out.append(module.model_copy(update={"path": path, "tensors": tensors, "dora_scale": dora}))
         start += size
+        if drop_zero and dora is None and not np.any(tensors[w1_role].float32() != 0):
+            continue
+        out.append(module.model_copy(update={"path": path, "tensors": tensors, "dora_scale": dora}))
+    if not out:  # all zero: keep every part rather than lose the module
+        return _split_lokr(module, paths, sizes)
     return out
 
 
