@@ -51,7 +51,7 @@ __all__ = ["LAYOUT", "ComfyUILayout"]
 _KEY_RE = re.compile(
     r"^(diffusion_model|text_encoders\.(?:clip_l|clip_g|t5xxl)\.transformer)\.(.+?)\."
     r"(lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha|dora_scale|diff_b"
-    r"|lokr_w[12](?:_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12])$"
+    r"|lokr_w[12](?:_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12]|diff)$"
 )
 _SET_RE = re.compile(r"^diffusion_model\.(.+?_norm)(?:\.scale)?\.set_weight$")
 _RESHAPE_KEY = "diffusion_model.img_in.reshape_weight"
@@ -66,6 +66,7 @@ _PARAM = {
     "diff_b": "lora_B.bias",
     **{p: p for p in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
     **{p: p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
+    "diff": "diff",
 }
 _TEXT = {
     "flux1": {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
@@ -87,6 +88,7 @@ class ComfyUILayout(Layout):
         algorithms=frozenset({"lora", "lokr", "loha", "full"}),
         dora_axes=frozenset({"in", "out"}),
         lora_bias=True,
+        set_tensors=True,
         alpha="tensor",
         families=frozenset({"flux1", "sd3"}),
         components=frozenset({"transformer", "text_encoder", "text_encoder_2", "text_encoder_3"}),
@@ -142,6 +144,9 @@ class ComfyUILayout(Layout):
                     continue
                 path = f"{component}.{canonical_text_path(rel)}"
             groups.setdefault(path, ModuleParts(path, f"{root}.{rel}")).add(_PARAM[param], ref)
+        for parts in groups.values():  # `diff_b` is a full diff's bias when the module has a `diff`
+            if "diff" in parts.params and "lora_B.bias" in parts.params:
+                parts.params["diff_b"] = parts.params.pop("lora_B.bias")
         lora = assemble(groups, source, layout=self.name, unplaced=unplaced, issues=issues, evidence=[])
         canonicalize(lora, tfamily, detect_block_diagonal=True, raw_module=_raw_module)
         for path, ref in sets.items():
@@ -173,7 +178,7 @@ class ComfyUILayout(Layout):
                 key = f"diffusion_model.{rel}.scale.set_weight"
                 out.tensors[key] = module.tensors["diff"].renamed(key)
                 continue
-            if module.algorithm not in ("lora", "lokr", "loha"):
+            if module.algorithm not in ("lora", "lokr", "loha", "full"):
                 raise UnsupportedFeatureError(f"algorithm {module.algorithm!r} is not expressible in comfyui", module=path)
             if "bias" in module.tensors and module.scale != 1.0:
                 module, note = fold_scale(module)  # diff_b is added as is: scale 1 keeps bias and up consistent

@@ -200,6 +200,10 @@ def split_module(
         compact = _split_by_support(module, paths, sizes)
         if compact is not None:
             return compact
+    if module.algorithm == "full" and detect_block_diagonal and module.dora_scale is None:
+        parts = split_module(module, paths, sizes)
+        kept = [p for p in parts if any(np.any(ref.float32() != 0) for ref in p.tensors.values())]
+        return kept or parts  # absent parts of a join are zero rows; an all-zero module keeps every part
     out = []
     start = 0
     for path, size in zip(paths, sizes):
