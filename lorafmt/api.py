@@ -105,8 +105,10 @@ def _check_expressible(
     if not caps.writable:
         msg = f"layout {layout_name!r} is read-only"
         raise UnsupportedFeatureError(msg)
-    problems, algorithmic = _expressibility_problems(lora, layout_name)
     notes: list[Diagnostic] = []
+    if not caps.tucker and "lora" in caps.algorithms:
+        lora, notes = _fold_tucker(lora)
+    problems, algorithmic = _expressibility_problems(lora, layout_name)
     if not problems:
         return lora, notes
     if not allow_lossy:
@@ -145,6 +147,23 @@ def _check_expressible(
     for path, why in sorted(problems.items()):
         notes.append(Diagnostic(code="W001", severity="warning", message=f"dropped: {why}", module=path))
     return lora.model_copy(update={"modules": kept}), notes
+
+
+def _fold_tucker(lora: LoraFile) -> tuple[LoraFile, list[Diagnostic]]:
+    """Tucker LoCon (``lora_mid``) rewritten exactly as a k×k ``down`` for layouts without Tucker (I001 notes)."""
+    tucker = [p for p, m in lora.modules.items() if m.algorithm == "lora" and "mid" in m.tensors]
+    if not tucker:
+        return lora, []
+    from lorafmt.algorithms.svd import fold_tucker
+
+    modules = dict(lora.modules)
+    notes = []
+    for path in tucker:
+        modules[path] = fold_tucker(modules[path])
+        notes.append(
+            Diagnostic(code="I001", severity="info", message="Tucker lora_mid folded into a k×k down factor (exact, computed in float32)", module=path)
+        )
+    return lora.model_copy(update={"modules": modules}), notes
 
 
 def _expressibility_problems(lora: LoraFile, layout_name: str) -> tuple[dict[str, str], set[str]]:
@@ -392,6 +411,8 @@ def module_delta(module) -> np.ndarray:
     """
     algo = get_algorithm(module.algorithm)
     if algo.needs_base:
+        import numpy as np
+
         parts = [module.tensors[r].float32().reshape(-1) for r in sorted(module.tensors)]
         parts.append(np.asarray([module.alpha or 0.0], dtype=np.float32))
         return np.concatenate(parts)

@@ -89,7 +89,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--to", required=True, help="target layout (see `lorafmt layouts`)")
     p.add_argument("-o", "--output", required=True, help="output file (a folder for --to peft)")
     p.add_argument("--from", dest="source_layout", help="skip detection and read as this layout")
-    p.add_argument("--family", help="base-model family (sd1, sd2, sdxl, sd3, flux1) when detection can't tell")
+    p.add_argument("--family", help="base-model family (sd1, sd2, sdxl, sd3, flux1, amused) when detection can't tell")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="cast float tensors on write")
     p.add_argument("--allow-lossy", action="store_true", help="drop what the target cannot express, reporting each loss")
     p.add_argument(
@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafmt", description="Convert, validate and fuse diffusion LoRA checkpoints.")
     parser.add_argument("--version", action="version", version=f"lorafmt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in [*SUBCOMMANDS, *_optional_subcommands()]:

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("op", choices=["validate", "convert", "inspect"])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="file, folder, hf:// URL, or @list.txt")
     p.add_argument("--to", help="convert: target layout")
-    p.add_argument("--family", help="base-model family (sd1, sd2, sdxl, sd3, flux1); default: detect per file")
+    p.add_argument("--family", help="base-model family (sd1, sd2, sdxl, sd3, flux1, amused); default: detect per file")
     p.add_argument("--out", help="convert: output folder (mirrors the input folders)")
     p.add_argument("--report", help="JSON Lines report (default: OUT/lorafmt-batch-OP.jsonl, else ./lorafmt-batch-OP.jsonl)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")

@@ -2,6 +2,11 @@
 
 Evidence order: shapes first (cross-attention width, text-encoder width, transformer width), structure
 second (which blocks exist), metadata last (``ss_base_model_version``, ``modelspec.architecture``).
+
+aMUSEd (``UVit2DModel``) is told apart by structure alone: its transformer's module tree
+(``transformer_layers.N``, ``down_block``/``up_block``, ``mlm_layer``, ``embed``, ``cond_embed``,
+``encoder_proj``, ``project_to_hidden``/``project_from_hidden``) shares no root with the MMDiT/Flux transformers
+(``transformer_blocks.N`` …), whose ``attn2`` it would otherwise resemble.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from lorafmt.algorithms._base import target_shape_of
 if TYPE_CHECKING:
     from lorafmt.schema import LoraFile
 
-__all__ = ["detect_family", "family_from_metadata", "transformer_variant", "CROSS_ATTENTION_WIDTH"]
+__all__ = ["AMUSED_ROOTS", "detect_family", "family_from_metadata", "transformer_variant", "CROSS_ATTENTION_WIDTH"]
 
 CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TE_WIDTH = {768: "sd1", 1024: "sd2"}
@@ -38,6 +43,20 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
     return None
 
 
+# Root modules of diffusers' UVit2DModel (aMUSEd); none of them exists in SD3's or Flux.1's transformer.
+AMUSED_ROOTS = (
+    "transformer_layers.",
+    "down_block.",
+    "up_block.",
+    "mlm_layer.",
+    "embed.",
+    "cond_embed.",
+    "encoder_proj",
+    "project_to_hidden",
+    "project_from_hidden",
+)
+_AMUSED_PREFIXES = tuple(f"transformer.{root}" for root in AMUSED_ROOTS)
+
 _FLUX_WIDTH = 3072
 _SD3_WIDTHS = {1536: "medium", 2432: "3.5 large"}
 _BLOCK_RE = re.compile(r"^transformer\.transformer_blocks\.(\d+)\.")
@@ -55,10 +74,14 @@ def _transformer_width(lora: LoraFile) -> int | None:
 
 
 def _transformer_family(lora: LoraFile) -> tuple[str | None, str]:
-    """Flux.1 vs SD3 from structure and widths: single-stream blocks, guidance embedder or width 3072 say Flux;
-    ``attn2`` (SD3.5), the patch-embed conv, a block index above Flux's 19, widths 1536/2432 or a third text
-    encoder say SD3."""
+    """aMUSEd vs Flux.1 vs SD3 from structure and widths: UVit2DModel's own module tree says aMUSEd (checked
+    first: its ``attn2`` cross-attention must not read as SD3.5's); single-stream blocks, guidance embedder or
+    width 3072 say Flux; ``attn2`` (SD3.5), the patch-embed conv, a block index above Flux's 19, widths 1536/2432
+    or a third text encoder say SD3."""
     paths = lora.modules
+    amused = sum(1 for p in paths if p.startswith(_AMUSED_PREFIXES))
+    if amused:
+        return "amused", f"{amused} UVit2DModel modules (transformer_layers/down_block/up_block/mlm_layer …)"
     width = _transformer_width(lora)
     if any(p.startswith("transformer.single_transformer_blocks.") for p in paths):
         return "flux1", "transformer with single-stream blocks"
@@ -81,8 +104,9 @@ def _transformer_family(lora: LoraFile) -> tuple[str | None, str]:
 
 def transformer_variant(lora: LoraFile, family: str) -> str | None:
     """Which model of a transformer family, when the file says: Flux.1 ``dev``/``schnell``; SD3 ``medium``,
-    ``3.5 medium``, ``3.5 large``. None when undeterminable (e.g. a Flux LoRA without guidance-embedder modules
-    and without metadata fits both dev and schnell).
+    ``3.5 medium``, ``3.5 large``; aMUSEd ``amused-512`` (only that variant has the down/up-sampling convs).
+    None when undeterminable (e.g. a Flux LoRA without guidance-embedder modules and without metadata fits both
+    dev and schnell; an aMUSEd LoRA that leaves the sampling convs alone fits both 256 and 512).
 
     >>> from lorafmt.schema import LoraFile
     >>> transformer_variant(LoraFile(metadata={"modelspec.architecture": "flux-1-schnell/lora"}), "flux1")
@@ -96,6 +120,10 @@ def transformer_variant(lora: LoraFile, family: str) -> str | None:
                 return v
         if any(p.startswith("transformer.time_text_embed.guidance_embedder.") for p in lora.modules):
             return "dev"
+        return None
+    if family == "amused":
+        if any(p.startswith(("transformer.down_block.downsample.", "transformer.up_block.upsample.")) for p in lora.modules):
+            return "amused-512"
         return None
     if family == "sd3":
         named = {"medium": "medium", "5-medium": "3.5 medium", "5-large": "3.5 large"}
@@ -123,7 +151,7 @@ def detect_family(lora: LoraFile) -> tuple[str | None, list[str]]:
         votes[family] += weight
         evidence.append(f"{why} -> {family}")
 
-    # Transformer families (Flux.1, SD3).
+    # Transformer families (aMUSEd, Flux.1, SD3).
     if "transformer" in comps or "text_encoder_3" in comps:
         fam, why = _transformer_family(lora)
         if fam:

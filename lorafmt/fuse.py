@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
+import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,7 +356,10 @@ def _load_loras(loras: Sequence[Any], family: str | None) -> list[tuple[LoraFile
 
 
 _UNET_HINTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.")
-_TRANSFORMER_HINTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "pos_embed.", "context_embedder.")
+_TRANSFORMER_HINTS = (
+    "transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "pos_embed.", "context_embedder.",
+    "transformer_layers.", "mlm_layer.",  # UVit2DModel (aMUSEd)
+)
 _CLIP_HINTS = ("text_model.", "encoder.layers.", "embeddings.token_embedding")
 _T5_HINTS = ("encoder.block.", "shared.")
 
@@ -862,3 +867,14 @@ def fuse_summary(report: FuseReport) -> str:
     if report.unmatched:
         parts.append(f"{len(report.unmatched)} LoRA modules unmatched")
     return "; ".join(parts) + f" -> {report.output}"
+
+
+class _CallableModule(types.ModuleType):
+    """``lorafmt.fuse`` is both this module and the function: importing the submodule first (as the CLI does)
+    must not turn ``lorafmt.fuse(...)`` into "module is not callable"."""
+
+    def __call__(self, *args, **kwargs) -> FuseReport:
+        return fuse(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

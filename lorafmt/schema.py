@@ -41,7 +41,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 ALGORITHMS = ("lora", "loha", "lokr", "full", "norm", "ia3", "oft", "boft")
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux1")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux1", "amused")
 
 Algorithm = Literal["lora", "loha", "lokr", "full", "norm", "ia3", "oft", "boft"]
 
@@ -256,7 +256,7 @@ class LoraFile(BaseModel):
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    family: str | None = Field(default=None, description="Base-model family id (sd1, sd2, sdxl, sd3, flux1).")
+    family: str | None = Field(default=None, description="Base-model family id (sd1, sd2, sdxl, sd3, flux1, amused).")
     modules: dict[str, Module] = Field(default_factory=dict)
     metadata: dict[str, str] = Field(default_factory=dict, description="safetensors metadata, verbatim.")
     unplaced: dict[str, TensorRef] = Field(

@@ -176,3 +176,14 @@ def test_svd_refuses_what_it_cannot_approximate():
         approximate_as_lora(_m("ia3", weight=(4,), on_input=0), 2)
     with pytest.raises(UnsupportedFeatureError, match="no low-rank form"):
         approximate_as_lora(_m("norm", w_norm=(4,)), 2)
+
+
+@pytest.mark.parametrize(("down", "mid"), [((3, 5, 1, 1), (3, 3, 3, 3)), ((3, 5), (3, 3, 1, 1))])
+def test_fold_tucker_is_exact(down, mid):
+    from lorafmt.algorithms.svd import fold_tucker
+
+    m = _m("lora", alpha=1.5, down=down, mid=mid, up=(4, 3, 1, 1) if len(down) == 4 else (4, 3))
+    f = fold_tucker(m)
+    assert "mid" not in f.tensors and f.tensors["down"].shape == (3, 5, *mid[2:]) if len(down) == 4 else (3, 5)
+    lora = get_algorithm("lora")
+    np.testing.assert_allclose(lora.delta(f).reshape(-1), lora.delta(m).reshape(-1), rtol=1e-5, atol=1e-6)

@@ -185,8 +185,11 @@ def test_lossy_write_refused_then_reported(tmp_path):
     m = lora.modules[path]
     from lorafmt.schema import TensorRef
 
-    r = m.tensors["down"].shape[0]
-    m.tensors["mid"] = TensorRef.from_array("mid", np.ones((r, r, 1, 1), np.float32), "F16")
+    # an input-axis DoRA magnitude (OneTrainer/LyCORIS wd_on_out=False) has no diffusers spelling
+    # (a Tucker lora_mid no longer serves here: it is folded exactly into a k×k lora_A)
+    n_in = m.tensors["down"].shape[1]
+    m.dora_scale = TensorRef.from_array("dora_scale", np.ones((1, n_in), np.float32), "F16")
+    m.dora_axis = "in"
     with pytest.raises(LossyConversionError):
         lorafmt.write(lora, tmp_path / "x.safetensors", layout="diffusers")
     assert not (tmp_path / "x.safetensors").exists()

@@ -343,3 +343,12 @@ def _torch_vs_numpy(sd15_tiny, tmp_path):
     for k in ga:
         diff = np.abs(ga[k].astype(np.float32) - gc[k].astype(np.float32))
         assert (diff <= fp16_ulp(ga[k])).all(), k
+
+
+def test_lorafmt_fuse_is_callable_whatever_was_imported_first(sd15_tiny, tmp_path):
+    import lorafmt
+    import lorafmt.fuse as module  # binds the submodule to the package attribute
+
+    assert callable(lorafmt.fuse) and module.FuseReport is FuseReport
+    report = lorafmt.fuse(sd15_tiny["base"], [(sd15_tiny["b"], 1.0)], tmp_path / "o.safetensors", device="cpu")
+    assert isinstance(report, FuseReport)

@@ -53,8 +53,8 @@ def lyco_file(tmp_path_factory):
 def test_refused_without_lossy_naming_modules(lyco_file, tmp_path, capsys):
     with pytest.raises(lorafmt.LorafmtError) as info:
         lorafmt.convert(lyco_file, tmp_path / "x.safetensors", to="diffusers", family="sd1")
-    assert "4 modules cannot be written as diffusers" in str(info.value)
-    assert "loha" in str(info.value) and "Tucker" in str(info.value)
+    assert "3 modules cannot be written as diffusers" in str(info.value)  # Tucker LoCon folds exactly
+    assert "loha" in str(info.value) and "lokr" in str(info.value)
     assert main(["convert", str(lyco_file), "--to", "diffusers", "--family", "sd1", "-o", str(tmp_path / "y.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in err and "--approx-rank" in err
@@ -67,8 +67,10 @@ def test_approx_loads_in_diffusers_with_reported_error(lyco_file, tmp_path, rank
     out = tmp_path / "approx.safetensors"
     report = lorafmt.convert(lyco_file, out, to="diffusers", family="sd1", allow_lossy=True, approx_rank=rank)
     approx = {n.module: n.data for n in report.notes if n.code == "W003"}
-    assert set(approx) == {f"unet.{p}" for p, (cls, kw) in TARGETS.items() if cls is not LoConModule or kw.get("use_tucker")}
+    assert set(approx) == {f"unet.{p}" for p, (cls, kw) in TARGETS.items() if cls is not LoConModule}
     assert all(d["rank"] == rank for d in approx.values())
+    folded = {n.module for n in report.notes if n.code == "I001"}
+    assert folded == {"unet.down_blocks.0.resnets.0.conv1"}  # Tucker LoCon: exact k×k down, not approximated
 
     src = lorafmt.read(lyco_file)
     unet = tiny_sd15_unet()
@@ -98,7 +100,7 @@ def test_cli_json_report(lyco_file, tmp_path, capsys):
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     notes = [n for n in report["notes"] if n["code"] == "W003"]
-    assert len(notes) == 4 and all(0 < n["data"]["rel_error"] < 1 for n in notes)
+    assert len(notes) == 3 and all(0 < n["data"]["rel_error"] < 1 for n in notes)
     assert lorafmt.read(out).algorithms == ["lora"]
 
 

@@ -145,3 +145,17 @@ def test_lycoris_get_diff_weight_double_scales_loha_lokr():
         diff = b.mod.get_diff_weight(1.0)[0].reshape(forward_delta.shape)
         assert b.mod.scale != 1
         assert torch.allclose(diff, forward_delta * b.mod.scale, rtol=1e-4, atol=1e-6)
+
+
+def test_kohya_round_trip_and_diff_every_algorithm(one_file, tmp_path):
+    """Every algorithm survives kohya → kohya with the same tensors, and ``diff`` compares them (IA3/OFT by
+    parameters, since their ΔW needs the base)."""
+    built, files = one_file
+    for case, src in files.items():
+        out = tmp_path / f"{case}.safetensors"
+        lorafmt.convert(src, out, to="kohya")
+        report = lorafmt.diff(src, out)
+        assert report.same, case
+    a = lorafmt.read(files["ia3_out"])
+    b = lorafmt.read(files["ia3_in"])
+    assert not lorafmt.diff(a, b).same

@@ -45,7 +45,7 @@ __all__ = [
     "adopt_peft_magnitude",
 ]
 
-_EPS = 1.1920928955078125e-07  # float32 eps: LyCORIS/ComfyUI add float eps to the norm; PEFT does not (difference ~1e-7)
+_EPS = 1.1920928955078125e-07  # float32 eps; LyCORIS/ComfyUI add float eps to the norm; PEFT does not (difference ~1e-7)
 
 
 def weight_norm(weight: np.ndarray, axis: str) -> np.ndarray:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-
 from lorafmt.algorithms._base import Algorithm
 
 if TYPE_CHECKING:
     import numpy as np
+
     from lorafmt.schema import Module
 
 

@@ -17,13 +17,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
-
 
 from lorafmt.algorithms._base import Algorithm
 
 if TYPE_CHECKING:
     import numpy as np
+
     from lorafmt.schema import Module
 
 
@@ -70,11 +71,10 @@ class LoHa(Algorithm):
 
     def weight_shape(self, module: Module) -> tuple[int, ...] | None:
         """(out, in) — for plain conv factors (out, in·kh·kw), the kernel being flattened into ``hada_w*_b``."""
-        import numpy as np
         t = module.tensors
         if "t1" in t:
             return (t["w1_a"].shape[1], t["w1_b"].shape[1], *t["t1"].shape[2:])
-        return (t["w1_a"].shape[0], int(np.prod(t["w1_b"].shape[1:])))
+        return (t["w1_a"].shape[0], math.prod(t["w1_b"].shape[1:]))
 
     def check(self, module: Module) -> list[str]:
         problems = super().check(module)

@@ -19,14 +19,15 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
-
 
 from lorafmt.algorithms._base import Algorithm
 from lorafmt.algorithms.loha import rebuild_tucker
 
 if TYPE_CHECKING:
     import numpy as np
+
     from lorafmt.schema import Module
 
 
@@ -76,7 +77,6 @@ class LoKr(Algorithm):
 
     def kron_shapes(self, module: Module) -> tuple[tuple[int, int], tuple[int, ...]]:
         """((a, c), (b, d[, kh, kw])) — the shapes of w1 and w2 (a plain conv w2 reports (b, d·kh·kw))."""
-        import numpy as np
         t = module.tensors
         w1 = tuple(t["w1"].shape) if "w1" in t else (t["w1_a"].shape[0], t["w1_b"].shape[1])
         if "w2" in t:
@@ -84,7 +84,7 @@ class LoKr(Algorithm):
         elif "t2" in t:
             w2 = (t["w2_a"].shape[1], t["w2_b"].shape[1], *t["t2"].shape[2:])
         else:
-            w2 = (t["w2_a"].shape[0], int(np.prod(t["w2_b"].shape[1:])))
+            w2 = (t["w2_a"].shape[0], math.prod(t["w2_b"].shape[1:]))
         return w1, w2
 
     def weight_shape(self, module: Module) -> tuple[int, ...] | None:

@@ -28,7 +28,7 @@ from lorafmt.algorithms import get_algorithm
 from lorafmt.errors import UnsupportedFeatureError
 from lorafmt.schema import Module, TensorRef
 
-__all__ = ["approximate_as_lora", "low_rank"]
+__all__ = ["approximate_as_lora", "low_rank", "fold_tucker"]
 
 
 def low_rank(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -90,3 +90,33 @@ def approximate_as_lora(module: Module, rank: int, *, dtype: str | None = None) 
         dora_axis=module.dora_axis,
     )
     return new, err
+
+
+def fold_tucker(module: Module) -> Module:
+    """The same LoCon without its Tucker core: ``down' = mid ×₁ down`` of shape (r, in, kh, kw), ``up`` unchanged.
+
+    Exact re-factorisation (ΔW = up · mid · down = up · down'), for layouts whose conv LoRA has a k×k ``lora_A``
+    and no ``lora_mid`` (diffusers, PEFT). ``down'`` is computed, stored as float32 so no precision is lost.
+
+    Example:
+        >>> import numpy as np
+        >>> from lorafmt.algorithms import get_algorithm
+        >>> rng = np.random.default_rng(0)
+        >>> t = {"down": (2, 3, 1, 1), "mid": (2, 2, 3, 3), "up": (4, 2, 1, 1)}
+        >>> m = Module(path="unet.c", alpha=1.0, tensors={r: TensorRef.from_array(r, rng.standard_normal(s)) for r, s in t.items()})
+        >>> f = fold_tucker(m)
+        >>> sorted(f.tensors), f.tensors["down"].shape, f.scale == m.scale
+        (['down', 'up'], (2, 3, 3, 3), True)
+        >>> bool(np.allclose(get_algorithm("lora").delta(f), get_algorithm("lora").delta(m), atol=1e-5))
+        True
+    """
+    import numpy as np
+
+    down = module.tensors["down"].float32()
+    mid = module.tensors["mid"].float32()
+    folded = np.einsum("jk...,kl->jl...", mid, down.reshape(down.shape[0], -1))
+    if down.ndim == 2 and all(k == 1 for k in mid.shape[2:]):
+        folded = folded.reshape(folded.shape[0], folded.shape[1])  # a 1×1 core on a Linear stays a matrix
+    tensors = {k: v for k, v in module.tensors.items() if k not in ("down", "mid")}
+    tensors["down"] = TensorRef.from_array(module.tensors["down"].key, folded.astype(np.float32), "F32")
+    return module.model_copy(update={"tensors": tensors})

@@ -11,6 +11,8 @@ header entry, a JSON object of component-prefixed ``LoraConfig`` fields (``unet.
 ``unet.alpha_pattern`` …) that diffusers passes to ``LoraConfig``. Without it, scale is 1.
 
 Capabilities: LoRA only (no Tucker), DoRA on the output axis, lora_B bias, per-module alpha via metadata.
+Families: sd1, sd2, sdxl, sd3, flux1 and amused (``AmusedLoraLoaderMixin.save_lora_weights`` writes
+``transformer.`` / ``text_encoder.`` keys and no ``lora_adapter_metadata``: its files carry scale 1).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class DiffusersLayout(Layout):
         dora_axes=frozenset({"out"}),
         lora_bias=True,
         alpha="metadata",
-        families=frozenset({"sd1", "sd2", "sdxl", "sd3", "flux1"}),
+        families=frozenset({"sd1", "sd2", "sdxl", "sd3", "flux1", "amused"}),
         components=frozenset(COMPONENTS),
     )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 
+from lorafmt.errors import UnsupportedFeatureError
 from lorafmt.families import detect_family
 from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
@@ -87,6 +88,11 @@ class OneTrainerLayout(Layout):
         return lora
 
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
+        family = options.family or lora.family
+        if family is not None and family not in self.capabilities.families and "transformer" in lora.components:
+            # another family's transformer (aMUSEd's UVit2DModel) has no OneTrainer spelling any reader un-flattens
+            msg = f"the onetrainer layout writes Flux.1/SD3 transformers; family is {family!r}"
+            raise UnsupportedFeatureError(msg, hint="write it as diffusers or peft")
         out = PlannedFile(metadata={k: v for k, v in lora.metadata.items() if k != "lora_adapter_metadata"})
         plan = WritePlan(files={"": out})
         for path, module in lora.modules.items():

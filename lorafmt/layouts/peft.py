@@ -35,7 +35,7 @@ from collections import Counter
 
 
 from lorafmt.errors import SourceError
-from lorafmt.families import detect_family
+from lorafmt.families import AMUSED_ROOTS, detect_family
 from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
 from lorafmt.layouts._common import ModuleParts, assemble
@@ -69,6 +69,7 @@ _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out"
 _TRANSFORMER_ROOTS = (
     "transformer_blocks.", "single_transformer_blocks.", "x_embedder", "context_embedder", "proj_out", "norm_out",
     "time_text_embed.", "pos_embed",
+    *AMUSED_ROOTS,  # UVit2DModel (aMUSEd)
 )
 
 
@@ -103,7 +104,7 @@ class PeftLayout(Layout):
         dora_axes=frozenset({"out"}),
         lora_bias=True,
         alpha="config",
-        families=frozenset({"sd1", "sd2", "sdxl", "sd3", "flux1"}),
+        families=frozenset({"sd1", "sd2", "sdxl", "sd3", "flux1", "amused"}),
         components=frozenset(COMPONENTS),
         directory=True,
     )

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 try:
+    from hypothesis import assume
     from hypothesis import strategies as st
 except ImportError as exc:  # pragma: no cover - exercised only without hypothesis
     raise ImportError('lorafmt.testing.strategies needs hypothesis: pip install hypothesis') from exc
@@ -41,6 +42,8 @@ from lorafmt.testing._shapes import builtin_families, module_shapes
 __all__ = ["families", "algorithms", "layouts", "loras", "loras_with_layout", "available_families", "available_algorithms"]
 
 _DTYPES = ("F32", "F16", "BF16")
+# Families whose layouts fuse projections (Flux qkv / linear1, SD3 attn_qkv): only LoRA factors split exactly there.
+_FUSED_FAMILIES = frozenset({"flux1", "sd3"})
 
 
 def available_families() -> list[str]:
@@ -165,6 +168,7 @@ def loras_with_layout(
         (f, a, lay)
         for f in fams
         for a in algos
+        if a == "lora" or f not in _FUSED_FAMILIES
         for lay in ([layout] if layout else _writable_layouts(a, f))
         if layout is None or lay in _writable_layouts(a, f)
     ]
@@ -177,4 +181,19 @@ def loras_with_layout(
     caps = get_layout(lay).capabilities
     comps = [c for c in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3") if c in caps.components]
     lora = draw(loras(family=fam, algorithm=algo, components=kwargs.pop("components", comps), **kwargs))
+    assume(_plannable(lora, lay))
     return lora, lay
+
+
+def _plannable(lora: LoraFile, layout: str) -> bool:
+    """True when `layout` can plan `lora` without losses (some module groups, e.g. partial fused projections,
+    are refused by a layout whose capabilities list the algorithm)."""
+    from lorafmt.errors import LorafmtError
+    from lorafmt.layouts import get_layout
+    from lorafmt.layouts._base import WriteOptions
+
+    try:
+        get_layout(layout).plan(lora, WriteOptions(family=lora.family, allow_lossy=False))
+    except LorafmtError:
+        return False
+    return True
