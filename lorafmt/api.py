@@ -173,6 +173,12 @@ def _expressibility_problems(lora: LoraFile, layout_name: str) -> tuple[dict[str
     problems: dict[str, str] = {}
     algorithmic: set[str] = set()
     for path, m in lora.modules.items():
+        if m.mode == "set":
+            if not caps.set_tensors:
+                problems[path] = f"a `set` (replacement) tensor is not expressible in {layout_name}"
+            elif m.component not in caps.components:
+                problems[path] = f"component {m.component!r} is not expressible in {layout_name}"
+            continue
         if m.algorithm not in caps.algorithms:
             problems[path] = f"algorithm {m.algorithm!r} is not expressible in {layout_name}"
             algorithmic.add(path)

@@ -123,3 +123,30 @@ def test_kohya_flux_refuses_per_input_dora_on_fused_parts(tmp_path):
         lorafmt.write(lf, tmp_path / "k.safetensors", layout="kohya")
     lorafmt.write(lf, tmp_path / "ot.safetensors", layout="onetrainer")  # unfused: fine
     assert lorafmt.diff(lf, lorafmt.read(tmp_path / "ot.safetensors")).same
+
+
+def test_lokr_on_fused_qkv_splits_on_w1_rows_and_joins_back(tmp_path):
+    """LyCORIS LoKr on img_attn.qkv: kron(w1 (6, 4), w2 (4, 3)) -> 24 rows = 3 parts of 8 = 2 rows of w1 each."""
+    w1, w2 = ref((6, 4), "F32"), ref((4, 3), "F32")
+    m = Module(path="transformer.double_blocks.0.img_attn.qkv", algorithm="lokr", tensors={"w1": w1, "w2": w2}, alpha=None)
+    canon, failed = native_to_canonical({m.path: m}, FLUX_NAMES)
+    assert not failed and len(canon) == 3
+    order = [f"transformer.transformer_blocks.0.attn.to_{x}" for x in "qkv"]
+    np.testing.assert_array_equal(np.concatenate([module_delta(canon[p]) for p in order]), module_delta(m))
+    back, _, failed = canonical_to_native(canon, FLUX_NAMES)
+    assert not failed and np.array_equal(back[m.path].tensors["w1"].raw(), w1.raw()) and back[m.path].tensors["w2"] is w2
+    # w2 rows that do not divide the parts: reported, not dropped
+    odd = Module(path=m.path, algorithm="lokr", tensors={"w1": ref((2, 4), "F32"), "w2": ref((12, 3), "F32")})
+    _, failed = native_to_canonical({m.path: odd}, FLUX_NAMES)
+    assert m.path in failed and "w1 rows" in failed[m.path][1]
+
+
+def test_lokr_single_part_joins_with_zero_rows_and_reads_back_alone():
+    w1, w2 = ref((2, 4), "F16"), ref((4, 3), "F16")
+    q = Module(path="transformer.transformer_blocks.0.attn.to_q", algorithm="lokr", tensors={"w1": w1, "w2": w2})
+    native, _, failed = canonical_to_native({q.path: q}, FLUX_NAMES)
+    assert not failed
+    (fused,) = native.values()
+    assert fused.tensors["w1"].shape == (6, 4)
+    canon, _ = native_to_canonical(native, FLUX_NAMES, detect_block_diagonal=True)
+    assert list(canon) == [q.path] and np.array_equal(canon[q.path].tensors["w1"].raw(), w1.raw())

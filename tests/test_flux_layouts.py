@@ -125,3 +125,28 @@ def test_converts_to_every_expressible_layout_and_back(files, name, tmp_path):
         back = _target(tmp_path, src_layout, f"back_{layout}")
         lorafmt.convert(dst, back, to=src_layout, force=True)
         assert compare(src, lorafmt.read(back), tol=tol) == [], f"{layout} -> {src_layout}"
+
+
+def test_lycoris_lokr_on_flux_fused_qkv(tmp_path):
+    """LyCORIS LoKr with ComfyUI names at real widths (qkv 9216 = 96·96): split exactly onto to_q/to_k/to_v, and
+    written back to comfyui and kohya with the same ΔW per module."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1": rng.standard_normal((96, 48)),
+        "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2": rng.standard_normal((96, 64)),
+        "diffusion_model.double_blocks.0.img_attn.proj.lokr_w1": rng.standard_normal((48, 48)),
+        "diffusion_model.double_blocks.0.img_attn.proj.lokr_w2_a": rng.standard_normal((64, 4)),
+        "diffusion_model.double_blocks.0.img_attn.proj.lokr_w2_b": rng.standard_normal((4, 64)),
+        "diffusion_model.double_blocks.0.img_attn.proj.alpha": np.asarray(2.0),
+    }
+    src_path = save_arrays(arrays, tmp_path / "lokr.safetensors")
+    det = api.detect(src_path)
+    assert (det.layout, det.family) == ("comfyui", "flux1")
+    src = lorafmt.read(src_path)
+    assert sorted(src.modules) == [f"transformer.transformer_blocks.0.attn.{m}" for m in ("to_k", "to_out.0", "to_q", "to_v")]
+    for layout in ("kohya", "comfyui"):
+        out = tmp_path / f"{layout}.safetensors"
+        lorafmt.convert(src_path, out, to=layout)
+        assert compare(src, lorafmt.read(out), tol=EXACT) == []
+    with pytest.raises(LossyConversionError, match="lokr"):
+        lorafmt.convert(src_path, tmp_path / "d.safetensors", to="diffusers")

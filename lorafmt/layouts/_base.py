@@ -27,6 +27,7 @@ class Capabilities:
     components: frozenset[str] = frozenset({"unet", "text_encoder", "text_encoder_2"})
     directory: bool = False
     metadata: bool = True
+    set_tensors: bool = False  # can hold tensors that replace a base parameter (Module.mode == "set")
 
 
 @dataclass

@@ -59,8 +59,9 @@ class BflControlLayout(Layout):
     aliases = ("flux-control", "bfl_control")
     description = "BFL Flux Control LoRA: bare BFL names + lora_A/lora_B/lora_B.bias, full QK-norm .scale tensors (set), widened img_in"
     capabilities = Capabilities(
-        algorithms=frozenset({"lora", "full"}),
+        algorithms=frozenset({"lora"}),
         lora_bias=True,
+        set_tensors=True,
         alpha="none",
         families=frozenset({"flux1"}),
         components=frozenset({"transformer"}),

@@ -18,7 +18,11 @@ replaces a parameter (lorafmt ``mode="set"`` modules), and ``img_in.reshape_weig
 base ``img_in`` to be zero-padded to a widened LoRA (written when a Flux ``x_embedder`` LoRA reads other than 64
 input features; read back as implied by the shapes). So BFL Control LoRAs convert here exactly.
 
-Capabilities: LoRA (no Tucker) with bias, DoRA (kept verbatim as ``dora_scale``), per-module alpha as a tensor,
+LyCORIS LoKr/LoHa parameters (``lokr_w1``…, ``hada_w1_a``…) on the same names are read and written as ComfyUI
+loads them (LoKr on a fused ``qkv`` splits exactly when the parts fall on whole ``w1`` rows; LoHa on a fused
+projection cannot be split and is reported).
+
+Capabilities: LoRA (no Tucker) with bias, LoKr, LoHa, DoRA (kept verbatim as ``dora_scale``), per-module alpha as a tensor,
 ``set`` tensors; families flux1 and sd3.
 
 Example:
@@ -35,7 +39,7 @@ from lorafmt.families import detect_family
 from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
 from lorafmt.layouts._common import ModuleParts, assemble, issue
-from lorafmt.algorithms import BUILTIN_ALGORITHMS
+from lorafmt.algorithms import BUILTIN_ALGORITHMS, get_algorithm
 from lorafmt.errors import UnsupportedFeatureError
 from lorafmt.layouts._transformer import bfl_or_sai, canonicalize, emit, fold_scale, plan_native
 from lorafmt.naming.flux import FLUX_NAMES
@@ -46,7 +50,8 @@ __all__ = ["LAYOUT", "ComfyUILayout"]
 
 _KEY_RE = re.compile(
     r"^(diffusion_model|text_encoders\.(?:clip_l|clip_g|t5xxl)\.transformer)\.(.+?)\."
-    r"(lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha|dora_scale|diff_b)$"
+    r"(lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha|dora_scale|diff_b"
+    r"|lokr_w[12](?:_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12]|diff)$"
 )
 _SET_RE = re.compile(r"^diffusion_model\.(.+?_norm)(?:\.scale)?\.set_weight$")
 _RESHAPE_KEY = "diffusion_model.img_in.reshape_weight"
@@ -59,6 +64,9 @@ _PARAM = {
     "alpha": "alpha",
     "dora_scale": "dora_scale",
     "diff_b": "lora_B.bias",
+    **{p: p for p in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
+    **{p: p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
+    "diff": "diff",
 }
 _TEXT = {
     "flux1": {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
@@ -77,9 +85,10 @@ class ComfyUILayout(Layout):
     aliases = ("ai-toolkit", "comfy")
     description = "ComfyUI / ai-toolkit Flux.1 & SD3: diffusion_model.<BFL/SAI name>.lora_A/lora_B (+ .alpha), text_encoders.*"
     capabilities = Capabilities(
-        algorithms=frozenset({"lora", "full"}),
+        algorithms=frozenset({"lora", "lokr", "loha", "full"}),
         dora_axes=frozenset({"in", "out"}),
         lora_bias=True,
+        set_tensors=True,
         alpha="tensor",
         families=frozenset({"flux1", "sd3"}),
         components=frozenset({"transformer", "text_encoder", "text_encoder_2", "text_encoder_3"}),
@@ -98,14 +107,15 @@ class ComfyUILayout(Layout):
                     native.append(m.group(2))
             elif _SET_RE.match(key) or key == _RESHAPE_KEY:
                 claimed += 1
-        if not claimed or bfl_or_sai(native) is None:
+        if not claimed or (native and bfl_or_sai(native) is None):
             return None
         total = len(source.tensors)
         return Match(self.name, round(100 * claimed / total), [f"{claimed}/{total} keys are diffusion_model.<native name>.lora_A/lora_B"])
 
     def read(self, source: Source, *, family: str | None = None) -> LoraFile:
         native_paths = [m.group(2) for k in source.tensors if (m := _KEY_RE.match(k)) and m.group(1) == "diffusion_model"]
-        tfamily = family if family in _TEXT else bfl_or_sai(native_paths) or "flux1"
+        clip_g = any(k.startswith("text_encoders.clip_g.") for k in source.tensors)
+        tfamily = family if family in _TEXT else bfl_or_sai(native_paths) or ("sd3" if clip_g else "flux1")
         groups: dict[str, ModuleParts] = {}
         unplaced: dict[str, TensorRef] = {}
         issues: list = []
@@ -134,6 +144,9 @@ class ComfyUILayout(Layout):
                     continue
                 path = f"{component}.{canonical_text_path(rel)}"
             groups.setdefault(path, ModuleParts(path, f"{root}.{rel}")).add(_PARAM[param], ref)
+        for parts in groups.values():  # `diff_b` is a full diff's bias when the module has a `diff`
+            if "diff" in parts.params and "lora_B.bias" in parts.params:
+                parts.params["diff_b"] = parts.params.pop("lora_B.bias")
         lora = assemble(groups, source, layout=self.name, unplaced=unplaced, issues=issues, evidence=[])
         canonicalize(lora, tfamily, detect_block_diagonal=True, raw_module=_raw_module)
         for path, ref in sets.items():
@@ -165,7 +178,7 @@ class ComfyUILayout(Layout):
                 key = f"diffusion_model.{rel}.scale.set_weight"
                 out.tensors[key] = module.tensors["diff"].renamed(key)
                 continue
-            if module.algorithm != "lora":
+            if module.algorithm not in ("lora", "lokr", "loha", "full"):
                 raise UnsupportedFeatureError(f"algorithm {module.algorithm!r} is not expressible in comfyui", module=path)
             if "bias" in module.tensors and module.scale != 1.0:
                 module, note = fold_scale(module)  # diff_b is added as is: scale 1 keeps bias and up consistent
@@ -184,7 +197,8 @@ class ComfyUILayout(Layout):
             else:
                 msg = f"the comfyui layout has no text encoder slot for {component!r} in {family}"
                 raise UnsupportedFeatureError(msg, module=path)
-            emit(out, name, module, _PARAMS_OUT)
+            params = _PARAMS_OUT if module.algorithm == "lora" else get_algorithm(module.algorithm).param_names
+            emit(out, name, module, params)
             if "bias" in module.tensors:
                 bias = out.tensors.pop(f"{name}.lora_B.bias")
                 out.tensors[f"{name}.diff_b"] = bias.renamed(f"{name}.diff_b")

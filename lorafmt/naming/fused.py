@@ -14,7 +14,10 @@ A fused Linear ``W = [W_0; W_1; …]`` (rows stacked) carries one LoRA ``ΔW = s
   (exact for powers of two; otherwise the joined ``up`` is written in F32 so the fold does not round). Missing
   parts contribute zero rows.
 
-Every tensor keeps its dtype; rows are sliced and stacked as raw bytes (bf16/fp16 bit-exact).
+Every tensor keeps its dtype; rows are sliced and stacked as raw bytes (bf16/fp16 bit-exact). ``full`` splits like
+``up`` (rows of ``diff``); LoKr (ΔW = kron(w1, w2)) splits exactly when the parts fall on whole rows of ``w1``
+(part sizes divisible by ``w2``'s rows: the common 9216 = 96·96 qkv factorisation does), slicing ``w1`` and sharing
+``w2``. Other algorithms (LoHa, Tucker, OFT…) on a fused projection are reported, never silently dropped.
 
 Example:
     >>> import numpy as np
@@ -177,12 +180,14 @@ def split_module(
     Raises :class:`FusedError` when the algorithm's ΔW cannot be sliced by rows (LoHa, LoKr, …) or the
     module's DoRA magnitude is per input column (its norm spans every part).
     """
+    if module.dora_scale is not None and module.dora_axis != "out":
+        msg = "a DoRA magnitude per input column on a fused projection cannot be split exactly"
+        raise FusedError(msg)
+    if module.algorithm == "lokr":
+        return _split_lokr(module, paths, sizes, drop_zero=detect_block_diagonal)
     row_roles = SPLITTABLE.get(module.algorithm)
     if row_roles is None:
         msg = f"algorithm {module.algorithm!r} on a fused projection cannot be split exactly"
-        raise FusedError(msg)
-    if module.dora_scale is not None and module.dora_axis != "out":
-        msg = "a DoRA magnitude per input column on a fused projection cannot be split exactly"
         raise FusedError(msg)
     if module.algorithm == "lora" and "mid" in module.tensors:
         msg = "a Tucker (lora_mid) factor on a fused projection cannot be split exactly"
@@ -195,6 +200,10 @@ def split_module(
         compact = _split_by_support(module, paths, sizes)
         if compact is not None:
             return compact
+    if module.algorithm == "full" and detect_block_diagonal and module.dora_scale is None:
+        parts = split_module(module, paths, sizes)
+        kept = [p for p in parts if any(np.any(ref.float32() != 0) for ref in p.tensors.values())]
+        return kept or parts  # absent parts of a join are zero rows; an all-zero module keeps every part
     out = []
     start = 0
     for path, size in zip(paths, sizes):
@@ -217,6 +226,78 @@ def split_module(
         )
         start += size
     return out
+
+
+def _lokr_factor_rows(module: Module) -> tuple[str, int, int]:
+    """(role holding w1's rows, rows of w1, rows of w2) of a LoKr module: ΔW = kron(w1, w2), so ΔW row
+    ``i1·b + i2`` is w1 row i1 with w2 row i2."""
+    t = module.tensors
+    if "t2" in t:
+        msg = f"{module.path}: a Tucker LoKr (lokr_t2) on a fused projection cannot be split exactly"
+        raise FusedError(msg)
+    w1_role = "w1" if "w1" in t else "w1_a"
+    if w1_role not in t or not ("w2" in t or "w2_a" in t):
+        msg = f"{module.path}: incomplete LoKr factors {sorted(t)}"
+        raise FusedError(msg)
+    b = t["w2"].shape[0] if "w2" in t else t["w2_a"].shape[0]
+    return w1_role, t[w1_role].shape[0], b
+
+
+def _split_lokr(module: Module, paths: Sequence[str], sizes: Sequence[int], *, drop_zero: bool = False) -> list[Module]:
+    """Rows of kron(w1, w2) in blocks of w2's row count come from one w1 row each: a split on those boundaries
+    slices w1 (or w1_a) by rows and shares everything else — exact, no data read. With `drop_zero`, parts whose
+    w1 rows are all zero (absent when joined) are left out, as for LoRA."""
+    w1_role, a, b = _lokr_factor_rows(module)
+    if sum(sizes) != a * b:
+        msg = f"{module.path}: {a * b} output rows do not split into {list(sizes)}"
+        raise FusedError(msg)
+    if any(size % b for size in sizes):
+        msg = f"{module.path}: LoKr w2 has {b} rows; the parts {list(sizes)} do not fall on w1 rows"
+        raise FusedError(msg)
+    out = []
+    start = 0
+    for path, size in zip(paths, sizes):
+        tensors = dict(module.tensors)
+        tensors[w1_role] = row_slice(tensors[w1_role], start // b, (start + size) // b)
+        dora = row_slice(module.dora_scale, start, start + size) if module.dora_scale is not None else None
+        start += size
+        if drop_zero and dora is None and not np.any(tensors[w1_role].float32() != 0):
+            continue
+        out.append(module.model_copy(update={"path": path, "tensors": tensors, "dora_scale": dora}))
+    if not out:  # all zero: keep every part rather than lose the module
+        return _split_lokr(module, paths, sizes)
+    return out
+
+
+def _join_lokr(path: str, parts: Sequence[Module | None], sizes: Sequence[int]) -> Module:
+    present = [m for m in parts if m is not None]
+    first = present[0]
+    w1_role, _, b = _lokr_factor_rows(first)
+    shared_roles = sorted(set(first.tensors) - {w1_role})
+    for m in present[1:]:
+        if set(m.tensors) != set(first.tensors) or m.scale != first.scale:
+            msg = f"{path}: LoKr parts with different factor sets or scales cannot be joined exactly"
+            raise FusedError(msg)
+        if not all(_same_values(m.tensors[r], first.tensors[r]) for r in shared_roles):
+            msg = f"{path}: LoKr parts do not share w2 (and w1_b); their Kronecker products cannot be joined"
+            raise FusedError(msg)
+    if any(size % b for size in sizes):
+        msg = f"{path}: LoKr w2 has {b} rows; the parts {list(sizes)} do not fall on w1 rows"
+        raise FusedError(msg)
+    ref0 = first.tensors[w1_role]
+    chunks = []
+    for m, size in zip(parts, sizes):
+        if m is None:
+            zeros = np.zeros((size // b, *ref0.shape[1:]), dtype=numpy_dtype(ref0.dtype))
+            chunks.append(TensorRef.from_raw(f"{path}.{w1_role}[zeros]", ref0.dtype, zeros))
+        else:
+            chunks.append(m.tensors[w1_role])
+    tensors = dict(first.tensors)
+    tensors[w1_role] = concat_rows(chunks, f"{path}.{w1_role}")
+    dora = None
+    if first.dora_scale is not None:
+        dora = concat_rows([m.dora_scale for m in present], f"{path}.dora_scale")
+    return first.model_copy(update={"path": path, "tensors": tensors, "dora_scale": dora})
 
 
 def _support(up: TensorRef, sizes: Sequence[int]) -> list[np.ndarray]:
@@ -338,6 +419,13 @@ def join_modules(path: str, parts: Sequence[Module | None], sizes: Sequence[int]
         msg = f"{path}: nothing to join"
         raise FusedError(msg)
     algos = {m.algorithm for _, m in present}
+    if algos == {"lokr"}:
+        if any(m.dora_scale is not None for _, m in present) and (
+            len(present) != len(parts) or any(m.dora_scale is None or m.dora_axis != "out" for _, m in present)
+        ):
+            msg = f"{path}: DoRA LoKr parts can only be joined when every part is present with a per-output magnitude"
+            raise FusedError(msg)
+        return _join_lokr(path, parts, sizes), []
     if len(algos) != 1 or next(iter(algos)) not in SPLITTABLE:
         msg = f"{path}: parts with algorithms {sorted(algos)} cannot be joined exactly"
         raise FusedError(msg)
@@ -581,6 +669,9 @@ class NameMap:
 
 
 def _rows_of(module: Module) -> int:
+    if module.algorithm == "lokr":
+        _, a, b = _lokr_factor_rows(module)
+        return a * b
     roles = SPLITTABLE.get(module.algorithm, ("up",))
     ref = module.tensors.get(roles[0])
     if ref is None:
