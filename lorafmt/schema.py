@@ -52,7 +52,7 @@ class TensorRef(BaseModel):
     Reshaping keeps the byte range (no data is touched), so renames and reshapes stream bytes.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     key: str = Field(description="The raw key this tensor had in its source (for error messages).")
     dtype: str = Field(description="safetensors dtype name, e.g. F16, BF16, F32.")
@@ -179,7 +179,7 @@ class Module(BaseModel):
     ``alpha`` follows the kohya convention: the effective scale is ``alpha / rank`` (absent = rank, scale 1).
     """
 
-    model_config = ConfigDict(frozen=False)
+    model_config = ConfigDict(frozen=False, defer_build=True)
 
     path: str = Field(description="Canonical module path: <component>.<module path>.")
     algorithm: Algorithm = "lora"
@@ -231,6 +231,8 @@ class Module(BaseModel):
 
 
 class Diagnostic(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     code: str
     severity: Literal["error", "warning", "info"] = "info"
     message: str
@@ -240,6 +242,8 @@ class Diagnostic(BaseModel):
 
 
 class Provenance(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     source: str | None = None
     layout: str | None = None
     evidence: list[str] = Field(default_factory=list)
@@ -254,6 +258,8 @@ class LoraFile(BaseModel):
         >>> lora.family, len(lora.modules)  # doctest: +SKIP
         ('sd1', 128)
     """
+
+    model_config = ConfigDict(defer_build=True)
 
     schema_version: Literal[1] = SCHEMA_VERSION
     family: str | None = Field(default=None, description="Base-model family id (sd1, sd2, sdxl, sd3, flux1, amused).")
@@ -290,6 +296,8 @@ class LoraFile(BaseModel):
 class Detection(BaseModel):
     """What :func:`lorafmt.detect` found: the layout, its score and evidence, and the other candidates."""
 
+    model_config = ConfigDict(defer_build=True)
+
     layout: str
     score: int
     evidence: list[str] = Field(default_factory=list)
@@ -300,6 +308,8 @@ class Detection(BaseModel):
 
 class ConversionReport(BaseModel):
     """What a conversion did: layouts, counts, and every note about losses, folds or reshapes."""
+
+    model_config = ConfigDict(defer_build=True)
 
     source: str | None = None
     destination: str | None = None

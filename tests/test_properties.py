@@ -103,3 +103,26 @@ def test_output_bytes_do_not_depend_on_key_order(layout):
                 assert (a / rel).read_bytes() == (b / rel).read_bytes() if (a / rel).is_file() else True
 
     check()
+
+
+ALPHA_LESS = [lay.name for lay in available_layouts() if lay.capabilities.writable and lay.capabilities.alpha == "none"]
+
+
+@pytest.mark.parametrize("layout", ALPHA_LESS)
+def test_layouts_without_alpha_fold_the_scale_exactly(layout):
+    """A layout with no alpha slot must fold alpha/rank into the weights, never drop it."""
+
+    @given(loras(layout), st.sampled_from([0.5, 2.0, 3.0, 8.0]))
+    def check(lora, alpha):
+        lora = lora.model_copy(update={"modules": {p: m.model_copy(update={"alpha": alpha}) for p, m in lora.modules.items()}})
+        with tempfile.TemporaryDirectory() as tmp:
+            dst = _out(tmp, layout, "a")
+            try:
+                lorafmt.write(lora, dst, layout=layout)
+            except UnsupportedFeatureError:
+                assume(False)
+            back = lorafmt.read(dst, family=lora.family)
+            report = lorafmt.diff(lora, back, rtol=1e-6)
+            assert report.same, report.differing
+
+    check()
