@@ -14,6 +14,7 @@ from lorafmt.io.source import Source
 from lorafmt.schema import Diagnostic, LoraFile, Module, Provenance, TensorRef
 
 __all__ = [
+    "carried_metadata",
     "KNOWN_PARAMS",
     "ModuleParts",
     "assemble",
@@ -38,6 +39,15 @@ def lycoris_param_to_role() -> dict[str, tuple[str, str]]:
 
 def KNOWN_PARAMS() -> frozenset[str]:  # noqa: N802 - a computed constant
     return frozenset(lycoris_param_to_role()) | frozenset(EXTRA_PARAMS)
+
+
+# Metadata that belongs to one layout's own alpha/config mechanism and goes stale once the file is rewritten.
+LAYOUT_OWNED_METADATA = frozenset({"lora_adapter_metadata"})
+
+
+def carried_metadata(lora: LoraFile) -> dict[str, str]:
+    """The source's metadata to carry into any output: everything but other layouts' own config entries."""
+    return {k: v for k, v in lora.metadata.items() if k not in LAYOUT_OWNED_METADATA}
 
 
 def issue(

@@ -38,7 +38,7 @@ import re
 from lorafmt.families import detect_family
 from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
-from lorafmt.layouts._common import ModuleParts, assemble, issue
+from lorafmt.layouts._common import ModuleParts, assemble, carried_metadata, issue
 from lorafmt.algorithms import BUILTIN_ALGORITHMS, get_algorithm
 from lorafmt.errors import UnsupportedFeatureError
 from lorafmt.layouts._transformer import bfl_or_sai, canonicalize, emit, fold_scale, plan_native
@@ -167,7 +167,7 @@ class ComfyUILayout(Layout):
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         family = options.family or lora.family
         native, notes = plan_native(lora, family, allow_lossy=options.allow_lossy, layout=self.name)
-        out = PlannedFile(metadata={k: v for k, v in lora.metadata.items() if k != "lora_adapter_metadata"})
+        out = PlannedFile(metadata=carried_metadata(lora))
         plan = WritePlan(files={"": out}, notes=notes)
         text = {v: k for k, v in _TEXT[family].items()}
         for path, module in native.items():

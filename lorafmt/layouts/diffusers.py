@@ -24,7 +24,7 @@ from lorafmt.errors import HeaderError
 from lorafmt.families import detect_family
 from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
-from lorafmt.layouts._common import ModuleParts, assemble, issue
+from lorafmt.layouts._common import ModuleParts, assemble, carried_metadata, issue
 from lorafmt.naming.shapes import linear_factor
 from lorafmt.naming.peft_config import config_alpha, config_for_modules
 from lorafmt.algorithms.dora import adopt_peft_magnitude, peft_magnitude_shape
@@ -101,7 +101,7 @@ class DiffusersLayout(Layout):
 
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         family = options.family or lora.family
-        metadata = {k: v for k, v in lora.metadata.items() if k != METADATA_KEY}
+        metadata = carried_metadata(lora)
         metadata["format"] = "pt"
         out = PlannedFile(metadata=metadata)
         plan = WritePlan(files={"": out})

@@ -30,7 +30,7 @@ import re
 from lorafmt.families import CROSS_ATTENTION_WIDTH, detect_family, family_from_metadata
 from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
-from lorafmt.layouts._common import KNOWN_PARAMS, ModuleParts, alpha_tensor, assemble, issue
+from lorafmt.layouts._common import KNOWN_PARAMS, ModuleParts, alpha_tensor, assemble, carried_metadata, issue
 from lorafmt.algorithms import get_algorithm
 from lorafmt.naming.clip import canonical_text_path
 from lorafmt.naming.fused import alpha_dtype_for, canonical_to_native, keep_failed, names_for, native_to_canonical
@@ -64,8 +64,6 @@ _TRANSFORMER_TEXT_OUT = {
     "flux1": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
     "sd3": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"},
 }
-# Metadata keys a kohya file does not carry (they belong to other layouts and go stale on conversion).
-_FOREIGN_METADATA = frozenset({"lora_adapter_metadata"})
 
 
 class KohyaLayout(Layout):
@@ -211,7 +209,7 @@ class KohyaLayout(Layout):
             return self._plan_transformer(lora, options, family)
         has_te2 = any(m.component == "text_encoder_2" for m in lora.modules.values())
         te1_prefix = "lora_te1" if (family == "sdxl" or has_te2) else "lora_te"
-        out = PlannedFile(metadata={k: v for k, v in lora.metadata.items() if k not in _FOREIGN_METADATA})
+        out = PlannedFile(metadata=carried_metadata(lora))
         plan = WritePlan(files={"": out})
         for path, module in lora.modules.items():
             component, rel = path.split(".", 1)
@@ -268,7 +266,7 @@ class KohyaLayout(Layout):
             for npath, (paths, why) in sorted(failed.items()):
                 for p in paths:
                     notes.append(issue("W001", f"dropped: {why}", module=p, severity="warning"))
-        out = PlannedFile(metadata={k: v for k, v in lora.metadata.items() if k not in _FOREIGN_METADATA})
+        out = PlannedFile(metadata=carried_metadata(lora))
         plan = WritePlan(files={"": out}, notes=notes)
         text_prefix = _TRANSFORMER_TEXT_OUT[family]
         for path, module in native.items():

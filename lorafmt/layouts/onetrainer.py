@@ -26,7 +26,7 @@ from lorafmt.errors import UnsupportedFeatureError
 from lorafmt.families import detect_family
 from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
-from lorafmt.layouts._common import ModuleParts, assemble
+from lorafmt.layouts._common import ModuleParts, assemble, carried_metadata
 from lorafmt.layouts._transformer import emit
 from lorafmt.naming.clip import canonical_text_path
 from lorafmt.naming.kohya_names import flatten, unflatten
@@ -93,7 +93,7 @@ class OneTrainerLayout(Layout):
             # another family's transformer (aMUSEd's UVit2DModel) has no OneTrainer spelling any reader un-flattens
             msg = f"the onetrainer layout writes Flux.1/SD3 transformers; family is {family!r}"
             raise UnsupportedFeatureError(msg, hint="write it as diffusers or peft")
-        out = PlannedFile(metadata={k: v for k, v in lora.metadata.items() if k != "lora_adapter_metadata"})
+        out = PlannedFile(metadata=carried_metadata(lora))
         plan = WritePlan(files={"": out})
         for path, module in lora.modules.items():
             component, rel = path.split(".", 1)

@@ -38,7 +38,7 @@ from lorafmt.errors import SourceError
 from lorafmt.families import AMUSED_ROOTS, detect_family
 from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
-from lorafmt.layouts._common import ModuleParts, assemble, issue
+from lorafmt.layouts._common import ModuleParts, assemble, carried_metadata, issue
 from lorafmt.naming.clip import canonical_text_path
 from lorafmt.naming.shapes import linear_factor
 from lorafmt.naming.peft_config import config_alpha, config_for_modules, pattern_value
@@ -217,7 +217,7 @@ class PeftLayout(Layout):
         family = options.family or lora.family
         plan = WritePlan(directory=True)
         # PEFT itself only writes format=pt; the source's metadata rides along in each header (PEFT ignores it).
-        metadata = {k: v for k, v in lora.metadata.items() if k != "lora_adapter_metadata"}
+        metadata = carried_metadata(lora)
         metadata["format"] = "pt"
         per_component: dict[str, dict[str, tuple[int, float]]] = {}
         flags: dict[str, dict[str, bool]] = {}

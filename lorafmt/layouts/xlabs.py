@@ -25,7 +25,7 @@ from lorafmt.errors import LossyConversionError, UnsupportedFeatureError
 from lorafmt.families import detect_family
 from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
-from lorafmt.layouts._common import ModuleParts, assemble, issue
+from lorafmt.layouts._common import ModuleParts, assemble, carried_metadata, issue
 from lorafmt.layouts._transformer import emit, fold_scale
 from lorafmt.naming.flux import XLABS_NAMES
 from lorafmt.naming.fused import FusedError, canonical_to_native, keep_failed, native_to_canonical
@@ -88,7 +88,7 @@ class XLabsLayout(Layout):
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         native, notes, failed = canonical_to_native(lora.modules, XLABS_NAMES)
         dropped = dict(failed)
-        out = PlannedFile(metadata={k: v for k, v in lora.metadata.items() if k != "lora_adapter_metadata"})
+        out = PlannedFile(metadata=carried_metadata(lora))
         plan = WritePlan(files={"": out}, notes=notes)
         for path, module in native.items():
             component, rel = path.split(".", 1)
