@@ -25,6 +25,7 @@ from lorafmt.families import detect_family
 from lorafmt.io.source import Source
 from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
 from lorafmt.layouts._common import ModuleParts, assemble, carried_metadata, issue
+from lorafmt.naming.clip import canonical_text_path
 from lorafmt.naming.shapes import linear_factor
 from lorafmt.naming.peft_config import config_alpha, config_for_modules
 from lorafmt.algorithms.dora import adopt_peft_magnitude, peft_magnitude_shape
@@ -80,8 +81,12 @@ class DiffusersLayout(Layout):
                 unplaced[key] = ref
                 continue
             component, rel, param = m.groups()
+            raw = f"{component}.{rel}"
+            if component.startswith("text_encoder"):
+                # diffusers on transformers 5 writes CLIP keys without the `text_model.` level
+                rel = canonical_text_path(rel)
             path = f"{component}.{rel}"
-            parts = groups.setdefault(path, ModuleParts(path, f"{component}.{rel}"))
+            parts = groups.setdefault(path, ModuleParts(path, raw))
             parts.add(_PARAM_TO_LYCORIS[param], ref)
         issues: list = []
         lora = assemble(groups, source, layout=self.name, unplaced=unplaced, issues=issues, evidence=[])

@@ -26,6 +26,9 @@ __all__ = ["LAYOUT", "DiffusersLegacyLayout"]
 _PREFIX = r"(?:(unet|transformer|text_encoder|text_encoder_2|text_encoder_3)\.)?"
 _LORA_RE = re.compile(rf"^{_PREFIX}(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
 _PROC_RE = re.compile(rf"^{_PREFIX}(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+# diffusers' PEFT_TO_DIFFUSERS table only renames attention projections, so legacy files written by its training
+# scripts keep `lora_A`/`lora_B` on every other module (text-encoder fc1/fc2, ff): read those too (formats.md §3.9).
+_PEFT_RE = re.compile(rf"^{_PREFIX}(.+?)\.lora_(A|B)\.weight$")
 _TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _ROLE_PARAM = {"down": "lora_down.weight", "up": "lora_up.weight"}
@@ -51,7 +54,19 @@ def _parse(key: str) -> tuple[str, str] | None:
         if is_text:
             body = canonical_text_path(body)
         return f"{component}.{body}", _ROLE_PARAM[role]
+    m = _PEFT_RE.match(key)
+    if m:
+        component, body, ab = m.groups()
+        is_text = (component or "").startswith("text_encoder") or body.startswith(("text_model", "encoder.layers"))
+        component = component or ("text_encoder" if is_text else "unet")
+        if is_text:
+            body = canonical_text_path(body)
+        return f"{component}.{body}", _ROLE_PARAM["down" if ab == "A" else "up"]
     return None
+
+
+def _is_legacy_spelling(key: str) -> bool:
+    return bool(_PROC_RE.match(key) or _LORA_RE.match(key))
 
 
 class DiffusersLegacyLayout(Layout):
@@ -63,9 +78,10 @@ class DiffusersLegacyLayout(Layout):
     def sniff(self, source: Source) -> Match | None:
         if source.kind == "dir" or not source.tensors:
             return None
-        claimed = sum(1 for k in source.tensors if _parse(k) is not None)
-        if not claimed:
+        # lora_A/lora_B keys count only beside legacy spellings: alone they are the `diffusers` layout.
+        if not any(_is_legacy_spelling(k) for k in source.tensors):
             return None
+        claimed = sum(1 for k in source.tensors if _parse(k) is not None)
         procs = sum(1 for k in source.tensors if "_lora." in k)
         evidence = [f"{claimed}/{len(source.tensors)} keys end in .lora.down/.lora.up or *_lora.down/up"]
         if procs:
