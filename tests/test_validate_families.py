@@ -101,9 +101,9 @@ REAL = {
     "peft_flux_base-model-model-prefix.json": ("flux1", None),
     "xlabs_flux_processor-lora1-lora2.json": ("flux1", None),
 }
-# The SD families' files must be readable today; the others become so as their layouts land.
-MUST_READ = {"sd1", "sd2", "sdxl"}
-MUST_READ_EXCEPT = {"lycoris_loha_sdxl_gwei.json"}  # LoHa: the LyCORIS algorithms issue
+# Every family's files must read and validate clean now that the Flux/SD3 layouts and LyCORIS algorithms exist.
+MUST_READ = {"sd1", "sd2", "sdxl", "flux1"}
+MUST_READ_EXCEPT: set[str] = set()
 
 
 def _manifest_file(tmp_path, name):
