@@ -26,7 +26,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not ran:
         return
     if _RESULTS:
-        import cells
+        import parity_cells as cells
 
         text = cells.render(_RESULTS)
     else:

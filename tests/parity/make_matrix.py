@@ -15,7 +15,7 @@ MATRIX = HERE / "MATRIX.md"
 
 def main() -> int:
     sys.path[:0] = [str(HERE.parent.parent), str(HERE.parent), str(HERE)]
-    import cells
+    import parity_cells as cells
 
     with tempfile.TemporaryDirectory() as tmp:
         results = {key: cells.run_cell(*key, Path(tmp) / "-".join(key)) for key in cells.CELLS}

@@ -23,7 +23,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("lycoris")
 
-import cells  # noqa: E402
+import parity_cells as cells  # noqa: E402
 
 MATRIX = Path(__file__).resolve().parent / "MATRIX.md"
 

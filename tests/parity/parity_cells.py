@@ -374,10 +374,12 @@ def render(results: dict[tuple[str, str, str], Outcome]) -> str:
         "",
         "lorafmt's output in each layout, loaded by the library, against lorafmt's own ΔW of every module",
         "(tiny models with the real module names; the original is a kohya file, a diffusers file for the kohya row).",
-        "`exact`: the library reproduces lorafmt's ΔW for every module of lorafmt's output and of the original;",
+        "`exact`: the library reproduces lorafmt's ΔW for every module of lorafmt's output, and of the original",
+        "where it reads the original (see the list below);",
         "`library-wrong (n)`: lorafmt's output loads exactly but the library mis-loads n modules of the original;",
         "`fails (n)`: n modules of lorafmt's output load wrong; `not-read`: the library loads nothing; `—`: the",
         "library does not read that layout. `scale only`: each wrong module is lorafmt's ΔW times a constant.",
+        f"Generated with {_versions()}.",
         "",
         *lines,
         "",
@@ -388,6 +390,12 @@ def render(results: dict[tuple[str, str, str], Outcome]) -> str:
     details = [line for key in CELLS if key in results for line in detail_lines(key, results[key])]
     out += ["## Modules the library gets wrong", "", *details, ""]
     return "\n".join(out)
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    return ", ".join(f"{p} {version(p)}" for p in ("diffusers", "peft", "lycoris-lora", "transformers", "torch"))
 
 
 def detail_lines(key: tuple[str, str, str], o: Outcome) -> list[str]:
