@@ -84,6 +84,18 @@ def _parse_key(key: str) -> tuple[str, str] | None:
     return rel, param
 
 
+# Components that are transformers' CLIPTextModel, which lost its `text_model.` level in transformers 5;
+# CLIPTextModelWithProjection (SDXL's second encoder, SD3's and aMUSEd's encoders) keeps it. PEFT keys must
+# follow the module names of the model they load into.
+_FLAT_CLIP = {("sd1", "text_encoder"), ("sd2", "text_encoder"), ("sdxl", "text_encoder"), ("flux1", "text_encoder")}
+
+
+def _flat_clip(family: str | None, component: str) -> bool:
+    if family is None:
+        return component == "text_encoder"
+    return (family, component) in _FLAT_CLIP
+
+
 def infer_component(rel: str) -> str | None:
     if rel.startswith(_UNET_ROOTS):
         return "unet"
@@ -224,7 +236,7 @@ class PeftLayout(Layout):
         kinds: dict[str, dict[str, Module]] = {}
         for path, module in lora.modules.items():
             component, rel = path.split(".", 1)
-            key_rel = rel[len("text_model.") :] if component.startswith("text_encoder") and rel.startswith("text_model.") else rel
+            key_rel = rel[len("text_model.") :] if _flat_clip(family, component) and rel.startswith("text_model.") else rel
             out = plan.files.setdefault(f"{component}/adapter_model.safetensors", PlannedFile(metadata=metadata))
             base = f"base_model.model.{key_rel}"
             if module.algorithm in ("loha", "lokr"):

@@ -32,8 +32,6 @@ KNOWN_FAILURES = {
     ("kohya", "sd1", "diffusers"): "diffusers' kohya reader gives modules whose alpha is not the file's most common "
     "one the common alpha (scale only; the original diffusers file loads exactly)",
     ("kohya", "sdxl", "diffusers"): "diffusers' kohya reader: the same alpha bug as for sd1",
-    ("peft", "sdxl", "peft"): "lorafmt bug: the PEFT folder of text_encoder_2 (CLIPTextModelWithProjection, modules "
-    "text_model.encoder...) is keyed encoder.layers..., so PeftModel.from_pretrained loads none of its LoRA weights",
 }
 
 
