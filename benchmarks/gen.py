@@ -5,7 +5,7 @@ Module sets are the ones kohya sd-scripts trains by default (``networks/lora.py`
 every Linear in the Flux double/single blocks). U-Net module names and shapes come from diffusers'
 ``UNet2DConditionModel`` built with the real SD1.5 / SDXL configs on the meta device (no weights, no network);
 CLIP widths are the published CLIP-L / OpenCLIP-G ones; Flux names and shapes are those of sd-scripts
-``lora_flux`` files (see ``/work/shared/corpus/real/kohya_flux_*.json``). SDXL U-Net names are written in SGM
+``lora_flux`` files (see ``fixtures/corpus/real/kohya_flux_*.json``). SDXL U-Net names are written in SGM
 spelling (``input_blocks_4_1_…``) as sd-scripts does.
 
 Values are random normals (finite, fp16/bf16), so ``--check-values`` and fuse have real numbers to look at.

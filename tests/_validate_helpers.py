@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 from lorafmt import architectures
 from lorafmt.naming.kohya_names import flatten
 
-CORPUS = Path("/work/shared/corpus")
+CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "corpus"
 
 # Module-name endings a typical LoRA trains, per kind of component.
 ATTENTION_TARGETS = (

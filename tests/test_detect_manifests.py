@@ -1,4 +1,4 @@
-"""Detection on key/shape manifests of public real-world files (../shared/corpus, provenance in its README):
+"""Detection on key/shape manifests of public real-world files (fixtures/corpus, provenance in its README):
 every in-scope file is read with the right layout, family and algorithm, from the header alone."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import lorafmt.api
 from lorafmt.errors import LorafmtError
 from _validate_helpers import manifest_to_file
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "corpus"
 
 # manifest -> (layout, family, algorithms)
 EXPECTED = {

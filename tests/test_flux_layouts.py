@@ -1,7 +1,7 @@
 """Flux.1 layouts against real-world manifests: detection, and conversion to every layout that can express a file
 and back, with every module kept and ΔW equal per module.
 
-Manifests (key names and shapes of public files, /work/shared/corpus/real) are turned into real safetensors
+Manifests (key names and shapes of public files, fixtures/corpus/real) are turned into real safetensors
 files with small random values, cut to block 0 and rank 8 to stay fast (widths are kept: family detection
 reads them).
 """

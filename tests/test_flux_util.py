@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from lorafmt.dtypes import from_float32, numpy_dtype
 
-CORPUS = Path("/work/shared/corpus/real")
+CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "corpus" / "real"
 _BLOCK = re.compile(r"(?:^|[._])(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|joint_blocks|layers|block)[._](\d+)[._]")
 
 

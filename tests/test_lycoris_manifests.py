@@ -1,4 +1,4 @@
-"""Real-world LyCORIS / DoRA key-and-shape manifests (``/work/shared/corpus/real``) are detected with the right
+"""Real-world LyCORIS / DoRA key-and-shape manifests (``fixtures/corpus/real``) are detected with the right
 algorithm. Manifests become real (sparse) .safetensors files: the header as recorded, zero data, real alphas."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import lorafmt
 from lorafmt.layouts._common import KNOWN_PARAMS, module_params
 
-CORPUS = Path(os.environ.get("LORAFMT_CORPUS", "/work/shared/corpus")) / "real"
+CORPUS = Path(os.environ.get("LORAFMT_CORPUS", Path(__file__).resolve().parents[1] / "fixtures" / "corpus")) / "real"
 SIZES = {"F16": 2, "BF16": 2, "F32": 4, "I64": 8}
 
 # manifest -> (algorithm of every module, DoRA axis or None, readable by the kohya layout)
