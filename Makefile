@@ -12,13 +12,13 @@ DEMO_OUT ?= demo-out
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install -e .
+	$(PIP) install -e . --config-settings editable_mode=compat
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base requirements-dev.txt
 	$(PIP) install torch==2.13.0
 	$(PIP) install -r requirements-dev.txt
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev]" --config-settings editable_mode=compat
 	touch $@
 
 install: $(VENV)/.base

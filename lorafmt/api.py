@@ -6,10 +6,9 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from pydantic import BaseModel, Field
 
 from lorafmt.algorithms import get_algorithm
 from lorafmt.detect import pick_layout
@@ -28,7 +27,7 @@ from lorafmt.io.safetensors_io import WriteEntry, write_safetensors
 from lorafmt.io.source import Source, open_source
 from lorafmt.layouts import get_layout
 from lorafmt.layouts._base import WriteOptions, WritePlan
-from lorafmt.schema import ConversionReport, Detection, Diagnostic, LoraFile, TensorRef
+from lorafmt.schema import ConversionReport, Detection, Diagnostic, LoraFile, SchemaModel, TensorRef
 
 if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
     import numpy as np
@@ -233,15 +232,15 @@ def _execute(
         if check is None:
             write_safetensors(dst, entries_for(planned.tensors), planned.metadata, force=force)
             return
-        with atomic_output(dst, force=force) as tmp:
-            write_safetensors(tmp, entries_for(planned.tensors), planned.metadata, force=True)
+        with atomic_output(dst, force=force) as tmp:  # flushes (or not) as a whole, after the check
+            write_safetensors(tmp, entries_for(planned.tensors), planned.metadata, force=True, durable=False)
             check(Path(tmp))
         return
     with atomic_directory(dst, force=force) as tmp:
         for rel, planned in sorted(plan.files.items()):
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_safetensors(target, entries_for(planned.tensors), planned.metadata, force=True)
+            write_safetensors(target, entries_for(planned.tensors), planned.metadata, force=True, durable=False)
         for rel, data in sorted(plan.sidecars.items()):
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -381,7 +380,10 @@ def convert(
 # ------------------------------------------------------------------------------------------- diff
 
 
-class ModuleDiff(BaseModel):
+@dataclass(kw_only=True)
+class ModuleDiff(SchemaModel):
+    """One module's verdict in a :class:`DiffReport`."""
+
     module: str
     status: str  # same | differ | only_a | only_b | shape
     rel_error: float | None = None
@@ -389,14 +391,15 @@ class ModuleDiff(BaseModel):
     norm_b: float | None = None
 
 
-class DiffReport(BaseModel):
+@dataclass(kw_only=True)
+class DiffReport(SchemaModel):
     """Module-by-module comparison of the effective weight change of two LoRAs."""
 
     a: str | None
     b: str | None
     rtol: float
     same: bool
-    modules: list[ModuleDiff] = Field(default_factory=list)
+    modules: list[ModuleDiff] = field(default_factory=list)
 
     @property
     def differing(self) -> list[ModuleDiff]:

@@ -249,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorafmt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--fsync",
+        action="store_true",
+        help="flush every output to disk before renaming it into place (default: only when replacing a file; "
+        "same as LORAFMT_FSYNC=always)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in [*SUBCOMMANDS, *_optional_subcommands()]:
@@ -285,6 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.fsync:
+        from lorafmt.io.atomic import FSYNC_ENV
+
+        os.environ[FSYNC_ENV] = "always"
     try:
         with pickle_loading(getattr(args, "allow_pickle", False)):
             return int(args.func(args))

@@ -49,7 +49,7 @@ from pydantic import BaseModel, Field
 
 from lorafmt.dtypes import FLOAT_DTYPES, from_float32, numpy_dtype, to_float32
 from lorafmt.errors import FuseError, MissingExtraError, SourceError, UnsupportedFeatureError
-from lorafmt.io.atomic import atomic_directory, atomic_output
+from lorafmt.io.atomic import atomic_directory, atomic_output, open_output
 from lorafmt.io.safetensors_io import Header, TensorInfo, WriteEntry, build_header, read_header, write_entries
 from lorafmt.naming.checkpoint import CheckpointTarget, checkpoint_family, checkpoint_target
 from lorafmt.schema import COMPONENTS, Diagnostic, LoraFile, Module
@@ -463,11 +463,9 @@ class _Fuser:
             for i in infos
         ]
         head = build_header(sizing, header.metadata)
-        with open(dst, "wb") as fh:
+        with open_output(dst) as fh:
             fh.write(head)
-            write_entries(fh, self._entries(plan, infos))
-            fh.flush()
-            os.fsync(fh.fileno())
+            write_entries(fh, self._entries(plan, infos))  # atomic_output/atomic_directory flush it if needed
 
     def _entries(self, plan: _FilePlan, infos: list[TensorInfo]) -> Iterator[WriteEntry]:
         header = plan.header

@@ -33,17 +33,16 @@ Example:
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import json
 import math
 import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, Field
+from lorafmt.schema import SchemaModel
 
 __all__ = [
     "KnownMetadata",
@@ -109,6 +108,8 @@ def _resolution(raw: str) -> tuple[int, int]:
         return int(m.group(1)), int(m.group(2))
     if re.fullmatch(r"\d+", s):
         return int(s), int(s)
+    import ast
+
     value = ast.literal_eval(s)
     if isinstance(value, (tuple, list)) and len(value) == 2:
         return int(value[0]), int(value[1])
@@ -149,31 +150,40 @@ def _json_object(raw: str) -> dict[str, Any]:
     return value
 
 
-class KnownMetadata(BaseModel):
+@dataclass(kw_only=True)
+class KnownMetadata(SchemaModel):
     """The typed view of the metadata keys trainers and UIs agree on (kohya ``ss_*``, ``sshs_*``, ModelSpec).
 
     Build it with :meth:`from_metadata`; fields are None when the key is absent or unparseable.
     """
 
     # ModelSpec (sai_model_spec)
-    sai_model_spec: str | None = Field(default=None, description="modelspec.sai_model_spec (spec version).")
-    architecture: str | None = Field(default=None, description="modelspec.architecture, e.g. stable-diffusion-xl-v1-base/lora.")
+    sai_model_spec: str | None = None
+    """modelspec.sai_model_spec (spec version)."""
+    architecture: str | None = None
+    """modelspec.architecture, e.g. stable-diffusion-xl-v1-base/lora."""
     implementation: str | None = None
-    title: str | None = Field(default=None, description="modelspec.title, else ss_output_name.")
+    title: str | None = None
+    """modelspec.title, else ss_output_name."""
     description: str | None = None
     author: str | None = None
     date: str | None = None
     license: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    trigger_words: list[str] = Field(default_factory=list, description="modelspec.trigger_phrase, split on commas.")
-    resolution: tuple[int, int] | None = Field(default=None, description="(width, height) from modelspec.resolution or ss_resolution.")
+    tags: list[str] = field(default_factory=list)
+    trigger_words: list[str] = field(default_factory=list)
+    """modelspec.trigger_phrase, split on commas."""
+    resolution: tuple[int, int] | None = None
+    """(width, height) from modelspec.resolution or ss_resolution."""
     prediction_type: str | None = None
     # kohya training keys
-    network_module: str | None = Field(default=None, description="ss_network_module, e.g. networks.lora, lycoris.kohya.")
+    network_module: str | None = None
+    """ss_network_module, e.g. networks.lora, lycoris.kohya."""
     network_dim: int | None = None
     network_alpha: float | None = None
-    network_args: dict[str, Any] = Field(default_factory=dict, description="ss_network_args (JSON).")
-    base_model_version: str | None = Field(default=None, description="ss_base_model_version, e.g. sd_v1, sdxl_base_v1-0.")
+    network_args: dict[str, Any] = field(default_factory=dict)
+    """ss_network_args (JSON)."""
+    base_model_version: str | None = None
+    """ss_base_model_version, e.g. sd_v1, sdxl_base_v1-0."""
     v2: bool | None = None
     sd_model_name: str | None = None
     output_name: str | None = None
@@ -183,15 +193,22 @@ class KnownMetadata(BaseModel):
     learning_rate: float | None = None
     training_started_at: float | None = None
     training_finished_at: float | None = None
-    tag_frequency: dict[str, Any] = Field(default_factory=dict, description="ss_tag_frequency (JSON): dataset -> tag -> count.")
+    tag_frequency: dict[str, Any] = field(default_factory=dict)
+    """ss_tag_frequency (JSON): dataset -> tag -> count."""
     # hashes
-    model_hash: str | None = Field(default=None, description="sshs_model_hash.")
-    legacy_hash: str | None = Field(default=None, description="sshs_legacy_hash.")
-    hash_sha256: str | None = Field(default=None, description="modelspec.hash_sha256.")
+    model_hash: str | None = None
+    """sshs_model_hash."""
+    legacy_hash: str | None = None
+    """sshs_legacy_hash."""
+    hash_sha256: str | None = None
+    """modelspec.hash_sha256."""
     # other writers
-    software: dict[str, Any] = Field(default_factory=dict, description="ai-toolkit's `software` (JSON).")
-    family: str | None = Field(default=None, description="The family the metadata claims (sd1, sd2, sdxl, sd3, flux1).")
-    problems: list[str] = Field(default_factory=list, description="Keys whose values did not parse, with why.")
+    software: dict[str, Any] = field(default_factory=dict)
+    """ai-toolkit's `software` (JSON)."""
+    family: str | None = None
+    """The family the metadata claims (sd1, sd2, sdxl, sd3, flux1)."""
+    problems: list[str] = field(default_factory=list)
+    """Keys whose values did not parse, with why."""
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str]) -> KnownMetadata:
@@ -419,6 +436,8 @@ def kohya_hashes(path: str | os.PathLike, metadata: Mapping[str, str] | None = N
     ss = {k: v for k, v in meta.items() if k.startswith("ss_")}
     order: list[TensorInfo] = _canonical_order(header.tensors.values())
     data_start = 8 + _canonical_header_len(order, ss)
+    import hashlib
+
     model = hashlib.sha256()
     legacy = hashlib.sha256()
     lo, hi = _LEGACY_START, _LEGACY_START + _LEGACY_LEN

@@ -15,10 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from lorafmt.dtypes import DTYPE_SIZES, FLOAT_DTYPES, from_float32, numpy_dtype, to_float32
 
@@ -45,21 +45,91 @@ FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux1", "amused")
 
 Algorithm = Literal["lora", "loha", "lokr", "full", "norm", "ia3", "oft", "boft"]
 
+# pydantic reads this from each dataclass: the string under a field becomes its JSON Schema description.
+_PYDANTIC_CONFIG: dict[str, Any] = {"use_attribute_docstrings": True}
 
-class TensorRef(BaseModel):
+
+class SchemaModel:
+    """pydantic v2 validation, serialisation and JSON Schema for the canonical dataclasses.
+
+    The canonical classes are standard dataclasses: building the thousands of them a header describes costs
+    microseconds and never imports pydantic, which keeps rename-only conversions near the cost of copying the
+    bytes (issue #8). pydantic v2 validates and describes them through a ``TypeAdapter`` built on first use,
+    behind the familiar ``model_*`` names.
+
+    Example:
+        >>> from lorafmt.schema import Diagnostic
+        >>> Diagnostic.model_validate({"code": "X1", "message": "hello"}).severity
+        'info'
+    """
+
+    __slots__ = ()
+    __pydantic_config__: ClassVar[dict[str, Any]] = _PYDANTIC_CONFIG
+
+    @classmethod
+    def _adapter(cls):
+        adapter = cls.__dict__.get("_pydantic_adapter")
+        if adapter is None:
+            from pydantic import TypeAdapter
+
+            adapter = TypeAdapter(cls)
+            cls._pydantic_adapter = adapter
+        return adapter
+
+    @classmethod
+    def model_validate(cls, obj: Any):
+        """Validate a mapping (e.g. parsed JSON) into an instance; raises ``pydantic.ValidationError``."""
+        return cls._adapter().validate_python(obj)
+
+    @classmethod
+    def model_validate_json(cls, data: str | bytes):
+        return cls._adapter().validate_json(data)
+
+    @classmethod
+    def model_json_schema(cls, **kwargs: Any) -> dict[str, Any]:
+        """The JSON Schema pydantic derives for this class (what ``schemas/`` holds)."""
+        return cls._adapter().json_schema(**kwargs)
+
+    @classmethod
+    def model_construct(cls, **fields: Any):
+        """Build without validation (the dataclass constructor; kept for pydantic-style callers)."""
+        return cls(**fields)
+
+    def model_dump(self, *, mode: str = "python", **kwargs: Any) -> dict[str, Any]:
+        """A plain dict of the fields, recursively (``mode="json"`` gives JSON-safe values)."""
+        return type(self)._adapter().dump_python(self, mode=mode, **kwargs)
+
+    def model_dump_json(self, **kwargs: Any) -> str:
+        return type(self)._adapter().dump_json(self, **kwargs).decode("utf-8")
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
+        """A copy with some fields replaced, unvalidated, keeping in-memory tensor data (as pydantic's does)."""
+        new = copy.deepcopy(self) if deep else copy.copy(self)
+        for name, value in (update or {}).items():
+            object.__setattr__(new, name, value)
+        return new
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorRef(SchemaModel):
     """A lazy tensor: its shape and dtype, and either a byte range in a file or an array in memory.
 
     Reshaping keeps the byte range (no data is touched), so renames and reshapes stream bytes.
     """
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
-
-    key: str = Field(description="The raw key this tensor had in its source (for error messages).")
-    dtype: str = Field(description="safetensors dtype name, e.g. F16, BF16, F32.")
+    key: str
+    """The raw key this tensor had in its source (for error messages)."""
+    dtype: str
+    """safetensors dtype name, e.g. F16, BF16, F32."""
     shape: tuple[int, ...]
-    file: str | None = Field(default=None, description="Source file, when the bytes live in a file.")
-    offset: int | None = Field(default=None, description="Absolute byte offset of the data in `file`.")
-    _array: np.ndarray | None = PrivateAttr(default=None)
+    file: str | None = None
+    """Source file, when the bytes live in a file."""
+    offset: int | None = None
+    """Absolute byte offset of the data in `file`."""
+
+    # In-memory values: a plain attribute, not a field (never validated or serialised); instances that hold
+    # an array set it with object.__setattr__.
+    _array = None
 
     @property
     def nbytes(self) -> int:
@@ -168,7 +238,8 @@ def _dtype_of(array: np.ndarray) -> str:
     return "F32"
 
 
-class Module(BaseModel):
+@dataclass(kw_only=True)
+class Module(SchemaModel):
     """One adapted module: its algorithm's tensors by role, its alpha, and an optional DoRA magnitude.
 
     Roles per algorithm: ``lora``: ``down``, ``up``, optional ``mid`` (Tucker) and ``bias`` (lora_B.bias);
@@ -179,28 +250,24 @@ class Module(BaseModel):
     ``alpha`` follows the kohya convention: the effective scale is ``alpha / rank`` (absent = rank, scale 1).
     """
 
-    model_config = ConfigDict(frozen=False, defer_build=True)
-
-    path: str = Field(description="Canonical module path: <component>.<module path>.")
+    path: str
+    """Canonical module path: <component>.<module path>."""
     algorithm: Algorithm = "lora"
     tensors: dict[str, TensorRef]
-    alpha: float | None = Field(default=None, description="Network alpha; scale = alpha / rank. None means rank.")
-    alpha_dtype: str | None = Field(default=None, description="dtype the alpha scalar was stored in, if any.")
-    dora_scale: TensorRef | None = Field(default=None, description="DoRA magnitude vector, if the module is DoRA.")
-    dora_axis: Literal["out", "in"] | None = Field(
-        default=None, description="Whether the DoRA magnitude is per output row (PEFT) or per input column."
-    )
-    extras: dict[str, TensorRef] = Field(
-        default_factory=dict, description="Extra per-module tensors kept verbatim (e.g. A1111 `scale`)."
-    )
-    mode: Literal["add", "set"] = Field(
-        default="add",
-        description=(
-            "add: the algorithm's weight change is added to the base parameter (every LoRA-family algorithm); "
-            "set: the `full` algorithm's `diff` tensor *replaces* the base parameter (ComfyUI `set` patches, "
-            "BFL Flux Control norm scales). Layouts that cannot say `set` refuse such modules."
-        ),
-    )
+    alpha: float | None = None
+    """Network alpha; scale = alpha / rank. None means rank."""
+    alpha_dtype: str | None = None
+    """dtype the alpha scalar was stored in, if any."""
+    dora_scale: TensorRef | None = None
+    """DoRA magnitude vector, if the module is DoRA."""
+    dora_axis: Literal["out", "in"] | None = None
+    """Whether the DoRA magnitude is per output row (PEFT) or per input column."""
+    extras: dict[str, TensorRef] = field(default_factory=dict)
+    """Extra per-module tensors kept verbatim (e.g. A1111 `scale`)."""
+    mode: Literal["add", "set"] = "add"
+    """add: the algorithm's weight change is added to the base parameter (every LoRA-family algorithm); set: the
+    `full` algorithm's `diff` tensor *replaces* the base parameter (ComfyUI `set` patches, BFL Flux Control norm
+    scales). Layouts that cannot say `set` refuse such modules."""
 
     @property
     def component(self) -> str:
@@ -230,26 +297,29 @@ class Module(BaseModel):
         return out
 
 
-class Diagnostic(BaseModel):
-    model_config = ConfigDict(defer_build=True)
+@dataclass(kw_only=True)
+class Diagnostic(SchemaModel):
+    """A note about one module or key: a loss, a fold, a structural problem."""
 
     code: str
     severity: Literal["error", "warning", "info"] = "info"
     message: str
     module: str | None = None
     key: str | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
-class Provenance(BaseModel):
-    model_config = ConfigDict(defer_build=True)
+@dataclass(kw_only=True)
+class Provenance(SchemaModel):
+    """Where a LoraFile came from: the source, the layout read, and the evidence for its family."""
 
     source: str | None = None
     layout: str | None = None
-    evidence: list[str] = Field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)
 
 
-class LoraFile(BaseModel):
+@dataclass(kw_only=True)
+class LoraFile(SchemaModel):
     """A LoRA in canonical form.
 
     Example:
@@ -259,20 +329,17 @@ class LoraFile(BaseModel):
         ('sd1', 128)
     """
 
-    model_config = ConfigDict(defer_build=True)
-
     schema_version: Literal[1] = SCHEMA_VERSION
-    family: str | None = Field(default=None, description="Base-model family id (sd1, sd2, sdxl, sd3, flux1, amused).")
-    modules: dict[str, Module] = Field(default_factory=dict)
-    metadata: dict[str, str] = Field(default_factory=dict, description="safetensors metadata, verbatim.")
-    unplaced: dict[str, TensorRef] = Field(
-        default_factory=dict, description="Raw keys that could not be placed on a module (never dropped silently)."
-    )
-    issues: list[Diagnostic] = Field(
-        default_factory=list,
-        description="Structural problems found while reading (orphan tensors, rank mismatch, duplicate spellings).",
-    )
-    provenance: Provenance = Field(default_factory=Provenance)
+    family: str | None = None
+    """Base-model family id (sd1, sd2, sdxl, sd3, flux1, amused)."""
+    modules: dict[str, Module] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    """safetensors metadata, verbatim."""
+    unplaced: dict[str, TensorRef] = field(default_factory=dict)
+    """Raw keys that could not be placed on a module (never dropped silently)."""
+    issues: list[Diagnostic] = field(default_factory=list)
+    """Structural problems found while reading (orphan tensors, rank mismatch, duplicate spellings)."""
+    provenance: Provenance = field(default_factory=Provenance)
 
     @property
     def algorithms(self) -> list[str]:
@@ -293,23 +360,21 @@ class LoraFile(BaseModel):
         return sum(len(m.all_tensors()) + (m.alpha is not None) for m in self.modules.values()) + len(self.unplaced)
 
 
-class Detection(BaseModel):
+@dataclass(kw_only=True)
+class Detection(SchemaModel):
     """What :func:`lorafmt.detect` found: the layout, its score and evidence, and the other candidates."""
-
-    model_config = ConfigDict(defer_build=True)
 
     layout: str
     score: int
-    evidence: list[str] = Field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)
     family: str | None = None
-    family_evidence: list[str] = Field(default_factory=list)
-    candidates: dict[str, int] = Field(default_factory=dict)
+    family_evidence: list[str] = field(default_factory=list)
+    candidates: dict[str, int] = field(default_factory=dict)
 
 
-class ConversionReport(BaseModel):
+@dataclass(kw_only=True)
+class ConversionReport(SchemaModel):
     """What a conversion did: layouts, counts, and every note about losses, folds or reshapes."""
-
-    model_config = ConfigDict(defer_build=True)
 
     source: str | None = None
     destination: str | None = None
@@ -320,5 +385,5 @@ class ConversionReport(BaseModel):
     tensors_written: int = 0
     bytes_streamed: int = 0
     bytes_computed: int = 0
-    notes: list[Diagnostic] = Field(default_factory=list)
+    notes: list[Diagnostic] = field(default_factory=list)
     verified: bool | None = None

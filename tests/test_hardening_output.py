@@ -184,13 +184,48 @@ def test_cli_writer_failure(src, tmp_path, monkeypatch, capsys):
     assert listing(tmp_path) == ["lora.safetensors", "out.safetensors"]
 
 
-def test_fsync_happens_before_the_rename(src, tmp_path, monkeypatch):
-    events = []
+def _record_fsync_and_rename(monkeypatch) -> list[str]:
+    events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace->{Path(b).name}"), real_replace(a, b))[1])
+    return events
+
+
+def test_replacing_an_output_fsyncs_before_the_rename(src, tmp_path, monkeypatch):
+    """The old file must survive a power loss: its replacement is on disk before the rename."""
+    out = tmp_path / "out.safetensors"
+    lorafmt.convert(src, out, to="diffusers")
+    events = _record_fsync_and_rename(monkeypatch)
+    lorafmt.convert(src, out, to="kohya", force=True)
+    assert events[:2] == ["fsync", "replace->out.safetensors"]
+
+
+def test_a_new_output_is_renamed_without_fsync_by_default(src, tmp_path, monkeypatch):
+    monkeypatch.delenv("LORAFMT_FSYNC", raising=False)
+    events = _record_fsync_and_rename(monkeypatch)
+    lorafmt.convert(src, tmp_path / "out.safetensors", to="diffusers")
+    assert events == ["replace->out.safetensors"]
+
+
+def test_fsync_always_flushes_new_outputs_too(src, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFMT_FSYNC", "always")
+    events = _record_fsync_and_rename(monkeypatch)
     lorafmt.convert(src, tmp_path / "out.safetensors", to="diffusers")
     assert events[:2] == ["fsync", "replace->out.safetensors"]
+    events.clear()
+    lorafmt.convert(src, tmp_path / "peft", to="peft")
+    assert events.index("replace->peft") > events.index("fsync")
+    assert events.count("fsync") >= 3, "each file of the folder and the folder itself"
+
+
+def test_cli_fsync_flag_sets_the_policy(src, tmp_path, monkeypatch):
+    from lorafmt.cli import main
+
+    monkeypatch.setenv("LORAFMT_FSYNC", "auto")  # teardown restores the variable main() overwrites
+    events = _record_fsync_and_rename(monkeypatch)
+    assert main(["--fsync", "convert", str(src), "--to", "diffusers", "-o", str(tmp_path / "o.safetensors")]) == 0
+    assert events[:2] == ["fsync", "replace->o.safetensors"]
 
 
 def test_output_permissions_are_not_private(src, tmp_path):

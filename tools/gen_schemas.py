@@ -1,4 +1,4 @@
-"""Regenerate the JSON Schemas in schemas/ from the pydantic models.
+"""Regenerate the JSON Schemas in schemas/ from the canonical classes (pydantic v2 derives them).
 
 Usage: python tools/gen_schemas.py [--check]
 """
@@ -14,12 +14,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def schemas() -> dict[str, dict]:
+    from lorafmt.metadata import KnownMetadata
     from lorafmt.schema import ConversionReport, Detection, LoraFile
 
     out = {
         "lorafile.schema.json": LoraFile.model_json_schema(),
         "detection.schema.json": Detection.model_json_schema(),
         "conversion-report.schema.json": ConversionReport.model_json_schema(),
+        "known-metadata.schema.json": KnownMetadata.model_json_schema(),
     }
     try:
         from lorafmt.validate import Report

@@ -1,4 +1,12 @@
-"""Atomic outputs: write to a temporary sibling, fsync, rename into place; clean up on any failure."""
+"""Atomic outputs: write to a temporary sibling, rename it into place; clean up on any failure.
+
+Durability policy: a process that fails or is killed never leaves a half-written output (the rename is atomic).
+Surviving a *power loss* needs an fsync, which costs about as much as the copy itself, so it is spent where data
+would otherwise be lost: when an output replaces an existing file or folder (``--force``, converting a file onto
+its own path) the new bytes are flushed before the rename, so the old ones can never be replaced by a truncated
+file. A brand-new output is flushed only when ``LORAFMT_FSYNC=always`` (or ``lorafmt --fsync``) asks for it:
+losing it to a power cut loses nothing that existed before.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,9 @@ from pathlib import Path
 
 from lorafmt.errors import LorafmtError, OutputExistsError, OutputWriteError, SourceError
 
-__all__ = ["atomic_output", "atomic_directory"]
+__all__ = ["atomic_output", "atomic_directory", "wants_fsync", "open_output"]
+
+FSYNC_ENV = "LORAFMT_FSYNC"
 
 
 def _umask() -> int:
@@ -26,6 +36,31 @@ def _default_mode(target: Path, base: int) -> int:
         return target.stat().st_mode & 0o7777
     except OSError:
         return base & ~_umask()
+
+
+def open_output(path: str | Path):
+    """Open a temporary output for writing, binary, without ``O_TRUNC``.
+
+    ext4 (default ``auto_da_alloc``) treats truncating a file and rewriting it as a replace-by-truncate and
+    forces its data to disk on close, which costs as much as an fsync. The temporary files here are created
+    empty, so there is nothing to truncate; a leftover non-empty file is emptied with ftruncate instead.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def wants_fsync(target: Path) -> bool:
+    """Whether an output written to `target` is flushed to disk before it is renamed into place."""
+    setting = os.environ.get(FSYNC_ENV, "auto").strip().lower()
+    if setting in ("always", "1", "true", "yes", "on"):
+        return True
+    return target.exists() or target.is_symlink()
 
 
 def _check_target(target: Path, force: bool, want_dir: bool) -> None:
@@ -44,20 +79,26 @@ def _check_target(target: Path, force: bool, want_dir: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(target: Path, *, force: bool = True) -> Iterator[str]:
+def atomic_output(target: Path, *, force: bool = True, durable: bool | None = None) -> Iterator[str]:
     """Yield a temporary file path next to `target`; rename it onto `target` only if the block succeeds.
 
     Reading the source and writing onto the same path is safe: the source stays intact until the rename.
+    `durable` (default: :func:`wants_fsync`) flushes the file and its folder around the rename.
     """
     target = Path(target)
     _check_target(target, force, want_dir=False)
+    if durable is None:
+        durable = wants_fsync(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield tmp
         os.chmod(tmp, _default_mode(target, 0o666))
+        if durable:
+            _fsync_file(tmp)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        if durable:
+            _fsync_dir(target.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -65,10 +106,12 @@ def atomic_output(target: Path, *, force: bool = True) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
+def atomic_directory(target: Path, *, force: bool = True, durable: bool | None = None) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; swap it into place only if the block succeeds."""
     target = Path(target)
     _check_target(target, force, want_dir=True)
+    if durable is None:
+        durable = wants_fsync(target)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     except OSError as exc:
@@ -77,6 +120,8 @@ def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, _default_mode(target, 0o777))
+        if durable:
+            _fsync_tree(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.rmdir(old)
@@ -89,7 +134,8 @@ def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        if durable:
+            _fsync_dir(target.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, LorafmtError):
@@ -99,6 +145,21 @@ def atomic_directory(target: Path, *, force: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            _fsync_file(Path(folder) / name)
+        _fsync_dir(Path(folder))
 
 
 def _fsync_dir(path: Path) -> None:

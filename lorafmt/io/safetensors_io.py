@@ -12,7 +12,6 @@ import math
 import os
 import stat
 import struct
-import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from lorafmt.errors import (
     TruncatedHeaderError,
     UnknownDtypeError,
 )
-from lorafmt.io.atomic import atomic_output
+from lorafmt.io.atomic import atomic_output, open_output
 
 if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
     import numpy as np
@@ -196,6 +195,8 @@ def sniff_container(path: str, head: bytes, size: int) -> None:
 
 def _refuse_zip(path: str) -> None:
     """A zip is a torch.save checkpoint (pickle inside: PickleFileError) or some other archive; look at its names only."""
+    import zipfile  # only for files that start like a zip (torch checkpoints)
+
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
@@ -448,40 +449,144 @@ class WriteEntry:
 
 
 def build_header(entries: list[WriteEntry], metadata: Mapping[str, str] | None) -> bytes:
-    obj: dict[str, object] = {}
-    if metadata:
-        obj["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    """The 8-byte length and JSON header for `entries`, whose data follows in the order given.
+
+    Keys appear in sorted order in the JSON; the data order is the caller's (see :func:`data_order`).
+    """
+    spans: dict[str, tuple[WriteEntry, int]] = {}
     offset = 0
     for e in entries:
         expected = math.prod(e.shape) * DTYPE_SIZES[e.dtype]
         if e.size != expected:
             msg = f"internal error: {e.key} has {e.size} bytes, shape {e.shape} {e.dtype} needs {expected}"
             raise AssertionError(msg)
-        obj[e.key] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.size]}
+        spans[e.key] = (e, offset)
         offset += e.size
+    obj: dict[str, object] = {}
+    if metadata:
+        obj["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    for key in sorted(spans):
+        e, begin = spans[key]
+        obj[key] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [begin, begin + e.size]}
     raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data buffer to 8 bytes, as the reference writer does
     return struct.pack("<Q", len(raw)) + raw
 
 
+def data_order(entries: Iterable[WriteEntry]) -> list[WriteEntry]:
+    """The order tensor data is laid out in: by key, unless that reads a source file out of order.
+
+    Key order makes a file lorafmt wrote come back byte for byte; when renaming shuffles the keys relative to
+    the source (kohya -> diffusers), the streamed tensors follow the source instead, after the in-memory ones
+    (by key), so the copy reads the source sequentially, a window at a time. Either way the result depends only
+    on the tensors, never on the order they were listed in.
+    """
+    by_key = sorted(entries, key=lambda e: e.key)
+    last: dict[str, int] = {}
+    for e in by_key:
+        if e.data is None:
+            if e.src_offset < last.get(e.src_path, -1):
+                break
+            last[e.src_path] = e.src_offset
+    else:
+        return by_key
+    memory = [e for e in by_key if e.data is not None]
+    streamed = sorted((e for e in by_key if e.data is None), key=lambda e: (e.src_path or "", e.src_offset, e.key))
+    return memory + streamed
+
+
+# Streamed tensors are copied through one reused buffer: a window of the source is read with one pread and its
+# tensors written with one writev. Small enough to stay in cache and keep memory flat, large enough that a
+# LoRA's tensors (kilobytes to a few MB) go many per system call; bigger tensors are copied kernel-side.
+COPY_WINDOW = 1 << 20
+_IOV_MAX = 1024  # Linux's and macOS's limit on the parts of one writev
+
+
 def write_entries(fh, entries: Iterable[WriteEntry]) -> None:
-    """Write tensor bytes; file ranges are copied kernel-side where the OS allows."""
+    """Write tensor bytes in the order given, straight to ``fh``'s descriptor (``fh`` is flushed first)."""
+    fh.flush()
     out_fd = fh.fileno()
-    open_sources: dict[str, int] = {}
+    sources: dict[str, int] = {}
+    window = memoryview(bytearray(COPY_WINDOW))
+    group: list[WriteEntry] = []  # entries written with one writev: their streamed bytes share one source window
+    anchor: list[WriteEntry] = []  # the group's first streamed entry
+
+    def source_fd(path: str) -> int:
+        fd = sources.get(path)
+        if fd is None:
+            fd = sources[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def flush_group() -> None:
+        if not group:
+            return
+        parts: list = []
+        if anchor:
+            first = anchor[0]
+            start = first.src_offset
+            span = max(e.src_offset + e.nbytes for e in group if e.data is None) - start
+            got = os.preadv(source_fd(first.src_path), [window[:span]], start) if span else 0
+            if got < span:
+                short = next(e for e in group if e.data is None and e.src_offset + e.nbytes > start + got)
+                msg = f"source ended early: {short.src_offset + short.nbytes - start - got} bytes missing"
+                raise TruncatedFileError(msg, file=short.src_path, key=short.key)
+        for e in group:
+            if e.data is not None:
+                parts.append(e.data)
+            else:
+                begin = e.src_offset - anchor[0].src_offset
+                parts.append(window[begin : begin + e.nbytes])
+        _write_all(out_fd, parts)
+        group.clear()
+        anchor.clear()
+
     try:
         for e in entries:
+            if len(group) >= _IOV_MAX:
+                flush_group()
             if e.data is not None:
-                fh.write(e.data)
+                if len(e.data) > COPY_WINDOW:
+                    flush_group()
+                    _write_all(out_fd, [e.data])
+                else:
+                    group.append(e)
                 continue
-            fh.flush()
-            src = open_sources.get(e.src_path)
-            if src is None:
-                src = os.open(e.src_path, os.O_RDONLY)
-                open_sources[e.src_path] = src
-            _copy_range(src, out_fd, e.src_offset, e.nbytes, e)
+            if e.nbytes > COPY_WINDOW or not hasattr(os, "preadv"):
+                flush_group()
+                _copy_range(source_fd(e.src_path), out_fd, e.src_offset, e.nbytes, e)
+                continue
+            if anchor:
+                first = anchor[0]
+                fits = (
+                    e.src_path == first.src_path
+                    and e.src_offset >= first.src_offset
+                    and e.src_offset + e.nbytes - first.src_offset <= COPY_WINDOW
+                )
+                if not fits:
+                    flush_group()
+            if not anchor:
+                anchor.append(e)
+            group.append(e)
+        flush_group()
     finally:
-        for fd in open_sources.values():
+        for fd in sources.values():
             os.close(fd)
+
+
+def _write_all(fd: int, parts: list) -> None:
+    """writev every part, resuming after short writes."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i : i + _IOV_MAX]) if hasattr(os, "writev") else os.write(fd, views[i])
+        if n <= 0:
+            msg = "write returned no progress"
+            raise OSError(msg)
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
 
 
 def _copy_range(src: int, dst: int, offset: int, count: int, entry: WriteEntry) -> None:
@@ -506,21 +611,27 @@ def _copy_range(src: int, dst: int, offset: int, count: int, entry: WriteEntry) 
 
 
 def write_safetensors(
-    path: str | os.PathLike, entries: list[WriteEntry], metadata: Mapping[str, str] | None = None, *, force: bool = True
+    path: str | os.PathLike,
+    entries: list[WriteEntry],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    force: bool = True,
+    durable: bool | None = None,
 ) -> None:
-    """Write a safetensors file atomically (temp file in the same folder, fsync, rename).
+    """Write a safetensors file atomically (temp file in the same folder, renamed into place).
 
-    Keys are written in sorted order so the output does not depend on input order.
+    `durable`: flush before the rename (default: :func:`lorafmt.io.atomic.wants_fsync` decides).
+
+    Keys are listed in sorted order and data laid out by :func:`data_order`, so the output does not depend
+    on the order of `entries`.
     """
-    entries = sorted(entries, key=lambda e: e.key)
+    entries = data_order(entries)
     header = build_header(entries, metadata)
     try:
-        with atomic_output(Path(path), force=force) as tmp:
-            with open(tmp, "wb") as fh:
-                fh.write(header)
+        with atomic_output(Path(path), force=force, durable=durable) as tmp:
+            with open_output(tmp) as fh:
+                _write_all(fh.fileno(), [header])
                 write_entries(fh, entries)
-                fh.flush()
-                os.fsync(fh.fileno())
     except OSError as exc:
         if isinstance(exc, LorafmtError):
             raise
