@@ -6,7 +6,6 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from lorafmt.io.safetensors_io import WriteEntry, write_safetensors
 from lorafmt.io.source import Source, open_source
 from lorafmt.layouts import get_layout
 from lorafmt.layouts._base import WriteOptions, WritePlan
+from lorafmt._record import Factory
 from lorafmt.schema import ConversionReport, Detection, Diagnostic, LoraFile, SchemaModel, TensorRef
 
 if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
@@ -380,7 +380,6 @@ def convert(
 # ------------------------------------------------------------------------------------------- diff
 
 
-@dataclass(kw_only=True)
 class ModuleDiff(SchemaModel):
     """One module's verdict in a :class:`DiffReport`."""
 
@@ -391,7 +390,6 @@ class ModuleDiff(SchemaModel):
     norm_b: float | None = None
 
 
-@dataclass(kw_only=True)
 class DiffReport(SchemaModel):
     """Module-by-module comparison of the effective weight change of two LoRAs."""
 
@@ -399,7 +397,7 @@ class DiffReport(SchemaModel):
     b: str | None
     rtol: float
     same: bool
-    modules: list[ModuleDiff] = field(default_factory=list)
+    modules: list[ModuleDiff] = Factory(list)
 
     @property
     def differing(self) -> list[ModuleDiff]:

@@ -52,7 +52,9 @@ from lorafmt.errors import FuseError, MissingExtraError, SourceError, Unsupporte
 from lorafmt.io.atomic import atomic_directory, atomic_output, open_output
 from lorafmt.io.safetensors_io import Header, TensorInfo, WriteEntry, build_header, read_header, write_entries
 from lorafmt.naming.checkpoint import CheckpointTarget, checkpoint_family, checkpoint_target
-from lorafmt.schema import COMPONENTS, Diagnostic, LoraFile, Module
+from lorafmt.schema import COMPONENTS, Diagnostic, LoraFile, Module, pydantic_ready
+
+pydantic_ready()  # the reports below hold schema records (Diagnostic, ...) as fields
 
 __all__ = ["fuse", "FuseReport", "LoraUse", "require_torch", "resolve_device", "parse_lora_arg"]
 

@@ -39,9 +39,9 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+from lorafmt._record import Factory
 from lorafmt.schema import SchemaModel
 
 __all__ = [
@@ -150,7 +150,6 @@ def _json_object(raw: str) -> dict[str, Any]:
     return value
 
 
-@dataclass(kw_only=True)
 class KnownMetadata(SchemaModel):
     """The typed view of the metadata keys trainers and UIs agree on (kohya ``ss_*``, ``sshs_*``, ModelSpec).
 
@@ -169,8 +168,8 @@ class KnownMetadata(SchemaModel):
     author: str | None = None
     date: str | None = None
     license: str | None = None
-    tags: list[str] = field(default_factory=list)
-    trigger_words: list[str] = field(default_factory=list)
+    tags: list[str] = Factory(list)
+    trigger_words: list[str] = Factory(list)
     """modelspec.trigger_phrase, split on commas."""
     resolution: tuple[int, int] | None = None
     """(width, height) from modelspec.resolution or ss_resolution."""
@@ -180,7 +179,7 @@ class KnownMetadata(SchemaModel):
     """ss_network_module, e.g. networks.lora, lycoris.kohya."""
     network_dim: int | None = None
     network_alpha: float | None = None
-    network_args: dict[str, Any] = field(default_factory=dict)
+    network_args: dict[str, Any] = Factory(dict)
     """ss_network_args (JSON)."""
     base_model_version: str | None = None
     """ss_base_model_version, e.g. sd_v1, sdxl_base_v1-0."""
@@ -193,7 +192,7 @@ class KnownMetadata(SchemaModel):
     learning_rate: float | None = None
     training_started_at: float | None = None
     training_finished_at: float | None = None
-    tag_frequency: dict[str, Any] = field(default_factory=dict)
+    tag_frequency: dict[str, Any] = Factory(dict)
     """ss_tag_frequency (JSON): dataset -> tag -> count."""
     # hashes
     model_hash: str | None = None
@@ -203,11 +202,11 @@ class KnownMetadata(SchemaModel):
     hash_sha256: str | None = None
     """modelspec.hash_sha256."""
     # other writers
-    software: dict[str, Any] = field(default_factory=dict)
+    software: dict[str, Any] = Factory(dict)
     """ai-toolkit's `software` (JSON)."""
     family: str | None = None
     """The family the metadata claims (sd1, sd2, sdxl, sd3, flux1)."""
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = Factory(list)
     """Keys whose values did not parse, with why."""
 
     @classmethod

@@ -15,17 +15,19 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from lorafmt._record import Factory, Record, as_dataclass
 from lorafmt.dtypes import DTYPE_SIZES, FLOAT_DTYPES, from_float32, numpy_dtype, to_float32
 
-if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
-    import numpy as np
+TYPE_CHECKING = False  # `typing` costs milliseconds to import: annotations are strings, resolved only by pydantic
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, Literal
+
+    import numpy as np  # imported on first use: header-only commands never load it
 
 __all__ = [
+    "SchemaModel",
     "TensorRef",
     "Module",
     "LoraFile",
@@ -36,6 +38,7 @@ __all__ = [
     "ALGORITHMS",
     "COMPONENTS",
     "FAMILIES",
+    "pydantic_ready",
 ]
 
 SCHEMA_VERSION = 1
@@ -43,19 +46,35 @@ ALGORITHMS = ("lora", "loha", "lokr", "full", "norm", "ia3", "oft", "boft")
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux1", "amused")
 
-Algorithm = Literal["lora", "loha", "lokr", "full", "norm", "ia3", "oft", "boft"]
+# pydantic reads this from each class: the string under a field becomes its JSON Schema description.
+_PYDANTIC_CONFIG = {"use_attribute_docstrings": True}
+_SCHEMA_CLASSES: list[type] = []
 
-# pydantic reads this from each dataclass: the string under a field becomes its JSON Schema description.
-_PYDANTIC_CONFIG: dict[str, Any] = {"use_attribute_docstrings": True}
+
+def pydantic_ready() -> None:
+    """Make every schema class something pydantic can validate, serialise and describe (idempotent).
+
+    The classes are registered as dataclasses, and the ``typing`` names their string annotations use are made
+    resolvable in their modules. Called on first use of a ``model_*`` method, and by modules that declare
+    pydantic models with schema-class fields before they declare them.
+    """
+    import sys
+    import typing
+
+    for cls in _SCHEMA_CLASSES:
+        namespace = sys.modules[cls.__module__].__dict__
+        for name in ("Any", "ClassVar", "Literal"):
+            namespace.setdefault(name, getattr(typing, name))
+        as_dataclass(cls)
 
 
-class SchemaModel:
-    """pydantic v2 validation, serialisation and JSON Schema for the canonical dataclasses.
+class SchemaModel(Record):
+    """pydantic v2 validation, serialisation and JSON Schema for lorafmt's record classes.
 
-    The canonical classes are standard dataclasses: building the thousands of them a header describes costs
-    microseconds and never imports pydantic, which keeps rename-only conversions near the cost of copying the
-    bytes (issue #8). pydantic v2 validates and describes them through a ``TypeAdapter`` built on first use,
-    behind the familiar ``model_*`` names.
+    The canonical classes are plain records: building the thousands of them a header describes costs
+    microseconds and imports neither pydantic nor ``dataclasses``, which keeps rename-only conversions near
+    the cost of copying the bytes (issue #8). pydantic v2 validates and describes them (as dataclasses)
+    through a ``TypeAdapter`` built on first use, behind the familiar ``model_*`` names.
 
     Example:
         >>> from lorafmt.schema import Diagnostic
@@ -64,16 +83,21 @@ class SchemaModel:
     """
 
     __slots__ = ()
-    __pydantic_config__: ClassVar[dict[str, Any]] = _PYDANTIC_CONFIG
+    __pydantic_config__ = _PYDANTIC_CONFIG
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _SCHEMA_CLASSES.append(cls)
 
     @classmethod
     def _adapter(cls):
         adapter = cls.__dict__.get("_pydantic_adapter")
         if adapter is None:
+            pydantic_ready()
             from pydantic import TypeAdapter
 
             adapter = TypeAdapter(cls)
-            cls._pydantic_adapter = adapter
+            type.__setattr__(cls, "_pydantic_adapter", adapter)
         return adapter
 
     @classmethod
@@ -92,7 +116,7 @@ class SchemaModel:
 
     @classmethod
     def model_construct(cls, **fields: Any):
-        """Build without validation (the dataclass constructor; kept for pydantic-style callers)."""
+        """Build without validation (the constructor; kept for pydantic-style callers)."""
         return cls(**fields)
 
     def model_dump(self, *, mode: str = "python", **kwargs: Any) -> dict[str, Any]:
@@ -104,14 +128,19 @@ class SchemaModel:
 
     def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
         """A copy with some fields replaced, unvalidated, keeping in-memory tensor data (as pydantic's does)."""
-        new = copy.deepcopy(self) if deep else copy.copy(self)
-        for name, value in (update or {}).items():
-            object.__setattr__(new, name, value)
+        if deep:
+            import copy
+
+            new = copy.deepcopy(self)
+        else:
+            new = object.__new__(type(self))
+            new.__dict__.update(self.__dict__)
+        if update:
+            new.__dict__.update(update)
         return new
 
 
-@dataclass(frozen=True, kw_only=True)
-class TensorRef(SchemaModel):
+class TensorRef(SchemaModel, frozen=True):
     """A lazy tensor: its shape and dtype, and either a byte range in a file or an array in memory.
 
     Reshaping keeps the byte range (no data is touched), so renames and reshapes stream bytes.
@@ -130,6 +159,16 @@ class TensorRef(SchemaModel):
     # In-memory values: a plain attribute, not a field (never validated or serialised); instances that hold
     # an array set it with object.__setattr__.
     _array = None
+
+    def __init__(
+        self, *, key: str, dtype: str, shape: tuple[int, ...], file: str | None = None, offset: int | None = None
+    ) -> None:
+        values = self.__dict__  # written directly: thousands are built per file, and the class is immutable
+        values["key"] = key
+        values["dtype"] = dtype
+        values["shape"] = shape
+        values["file"] = file
+        values["offset"] = offset
 
     @property
     def nbytes(self) -> int:
@@ -210,13 +249,13 @@ class TensorRef(SchemaModel):
         if math.prod(shape) != self.numel:
             msg = f"cannot reshape {self.shape} to {shape}"
             raise ValueError(msg)
-        ref = self.model_copy(update={"shape": shape})
+        ref = TensorRef(key=self.key, dtype=self.dtype, shape=shape, file=self.file, offset=self.offset)
         if self._array is not None:
             object.__setattr__(ref, "_array", self._array.reshape(shape))
         return ref
 
     def renamed(self, key: str) -> TensorRef:
-        ref = self.model_copy(update={"key": key})
+        ref = TensorRef(key=key, dtype=self.dtype, shape=self.shape, file=self.file, offset=self.offset)
         if self._array is not None:
             object.__setattr__(ref, "_array", self._array)
         return ref
@@ -238,7 +277,6 @@ def _dtype_of(array: np.ndarray) -> str:
     return "F32"
 
 
-@dataclass(kw_only=True)
 class Module(SchemaModel):
     """One adapted module: its algorithm's tensors by role, its alpha, and an optional DoRA magnitude.
 
@@ -252,7 +290,7 @@ class Module(SchemaModel):
 
     path: str
     """Canonical module path: <component>.<module path>."""
-    algorithm: Algorithm = "lora"
+    algorithm: Literal["lora", "loha", "lokr", "full", "norm", "ia3", "oft", "boft"] = "lora"
     tensors: dict[str, TensorRef]
     alpha: float | None = None
     """Network alpha; scale = alpha / rank. None means rank."""
@@ -262,12 +300,36 @@ class Module(SchemaModel):
     """DoRA magnitude vector, if the module is DoRA."""
     dora_axis: Literal["out", "in"] | None = None
     """Whether the DoRA magnitude is per output row (PEFT) or per input column."""
-    extras: dict[str, TensorRef] = field(default_factory=dict)
+    extras: dict[str, TensorRef] = Factory(dict)
     """Extra per-module tensors kept verbatim (e.g. A1111 `scale`)."""
     mode: Literal["add", "set"] = "add"
     """add: the algorithm's weight change is added to the base parameter (every LoRA-family algorithm); set: the
     `full` algorithm's `diff` tensor *replaces* the base parameter (ComfyUI `set` patches, BFL Flux Control norm
     scales). Layouts that cannot say `set` refuse such modules."""
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        tensors: dict[str, TensorRef],
+        algorithm: str = "lora",
+        alpha: float | None = None,
+        alpha_dtype: str | None = None,
+        dora_scale: TensorRef | None = None,
+        dora_axis: str | None = None,
+        extras: dict[str, TensorRef] | None = None,
+        mode: str = "add",
+    ) -> None:
+        values = self.__dict__
+        values["path"] = path
+        values["algorithm"] = algorithm
+        values["tensors"] = tensors
+        values["alpha"] = alpha
+        values["alpha_dtype"] = alpha_dtype
+        values["dora_scale"] = dora_scale
+        values["dora_axis"] = dora_axis
+        values["extras"] = {} if extras is None else extras
+        values["mode"] = mode
 
     @property
     def component(self) -> str:
@@ -297,7 +359,6 @@ class Module(SchemaModel):
         return out
 
 
-@dataclass(kw_only=True)
 class Diagnostic(SchemaModel):
     """A note about one module or key: a loss, a fold, a structural problem."""
 
@@ -306,19 +367,17 @@ class Diagnostic(SchemaModel):
     message: str
     module: str | None = None
     key: str | None = None
-    data: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = Factory(dict)
 
 
-@dataclass(kw_only=True)
 class Provenance(SchemaModel):
     """Where a LoraFile came from: the source, the layout read, and the evidence for its family."""
 
     source: str | None = None
     layout: str | None = None
-    evidence: list[str] = field(default_factory=list)
+    evidence: list[str] = Factory(list)
 
 
-@dataclass(kw_only=True)
 class LoraFile(SchemaModel):
     """A LoRA in canonical form.
 
@@ -332,14 +391,14 @@ class LoraFile(SchemaModel):
     schema_version: Literal[1] = SCHEMA_VERSION
     family: str | None = None
     """Base-model family id (sd1, sd2, sdxl, sd3, flux1, amused)."""
-    modules: dict[str, Module] = field(default_factory=dict)
-    metadata: dict[str, str] = field(default_factory=dict)
+    modules: dict[str, Module] = Factory(dict)
+    metadata: dict[str, str] = Factory(dict)
     """safetensors metadata, verbatim."""
-    unplaced: dict[str, TensorRef] = field(default_factory=dict)
+    unplaced: dict[str, TensorRef] = Factory(dict)
     """Raw keys that could not be placed on a module (never dropped silently)."""
-    issues: list[Diagnostic] = field(default_factory=list)
+    issues: list[Diagnostic] = Factory(list)
     """Structural problems found while reading (orphan tensors, rank mismatch, duplicate spellings)."""
-    provenance: Provenance = field(default_factory=Provenance)
+    provenance: Provenance = Factory(Provenance)
 
     @property
     def algorithms(self) -> list[str]:
@@ -360,19 +419,17 @@ class LoraFile(SchemaModel):
         return sum(len(m.all_tensors()) + (m.alpha is not None) for m in self.modules.values()) + len(self.unplaced)
 
 
-@dataclass(kw_only=True)
 class Detection(SchemaModel):
     """What :func:`lorafmt.detect` found: the layout, its score and evidence, and the other candidates."""
 
     layout: str
     score: int
-    evidence: list[str] = field(default_factory=list)
+    evidence: list[str] = Factory(list)
     family: str | None = None
-    family_evidence: list[str] = field(default_factory=list)
-    candidates: dict[str, int] = field(default_factory=dict)
+    family_evidence: list[str] = Factory(list)
+    candidates: dict[str, int] = Factory(dict)
 
 
-@dataclass(kw_only=True)
 class ConversionReport(SchemaModel):
     """What a conversion did: layouts, counts, and every note about losses, folds or reshapes."""
 
@@ -385,5 +442,5 @@ class ConversionReport(SchemaModel):
     tensors_written: int = 0
     bytes_streamed: int = 0
     bytes_computed: int = 0
-    notes: list[Diagnostic] = field(default_factory=list)
+    notes: list[Diagnostic] = Factory(list)
     verified: bool | None = None

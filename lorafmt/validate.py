@@ -55,6 +55,9 @@ from pydantic import BaseModel, Field
 
 from lorafmt import architectures
 from lorafmt.errors import LorafmtError
+from lorafmt.schema import pydantic_ready
+
+pydantic_ready()  # the reports below hold schema records (Diagnostic, ...) as fields
 
 if TYPE_CHECKING:
     from lorafmt.architectures import Architecture, ModuleSpec

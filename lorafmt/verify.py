@@ -24,11 +24,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafmt.dtypes import FLOAT_DTYPES
 from lorafmt.errors import LorafmtError, VerificationError
+from lorafmt._record import Factory
 from lorafmt.schema import ConversionReport, LoraFile, Module, SchemaModel
 
 __all__ = ["TOLERANCES", "needs_verification", "verify_modules", "verify_output", "make_check", "VerifyReport"]
@@ -37,14 +37,13 @@ TOLERANCES = {"F64": 1e-9, "F32": 2e-5, "F16": 2e-3, "BF16": 1.6e-2, "F8_E4M3": 
 _ORDER = ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"]
 
 
-@dataclass(kw_only=True)
 class VerifyReport(SchemaModel):
     """Per-module relative errors of a verification (worst first) and the modules checked."""
 
     modules: int = 0
-    worst: list[tuple[str, float, float]] = field(default_factory=list)
+    worst: list[tuple[str, float, float]] = Factory(list)
     """(module, rel error, tolerance)"""
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = Factory(list)
 
 
 def needs_verification(files: dict, dtype: str | None) -> bool:

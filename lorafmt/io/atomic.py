@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +34,43 @@ def _default_mode(target: Path, base: int) -> int:
         return target.stat().st_mode & 0o7777
     except OSError:
         return base & ~_umask()
+
+
+def _sibling_name(target: Path, suffix: str) -> Path:
+    # A hidden, unpredictable name next to the target (what tempfile.mkstemp makes, without importing tempfile
+    # and shutil on the fast path).
+    return target.parent / f".{target.name}.{os.urandom(6).hex()}{suffix}"
+
+
+def _make_temp_file(target: Path) -> str:
+    for _ in range(100):
+        path = _sibling_name(target, ".tmp")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return str(path)
+    msg = f"no free temporary name next to {target}"
+    raise FileExistsError(msg)
+
+
+def _make_temp_dir(target: Path, suffix: str = ".tmp") -> Path:
+    for _ in range(100):
+        path = _sibling_name(target, suffix)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return path
+    msg = f"no free temporary name next to {target}"
+    raise FileExistsError(msg)
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def open_output(path: str | Path):
@@ -89,8 +124,7 @@ def atomic_output(target: Path, *, force: bool = True, durable: bool | None = No
     _check_target(target, force, want_dir=False)
     if durable is None:
         durable = wants_fsync(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    tmp = _make_temp_file(target)
     try:
         yield tmp
         os.chmod(tmp, _default_mode(target, 0o666))
@@ -113,7 +147,7 @@ def atomic_directory(target: Path, *, force: bool = True, durable: bool | None =
     if durable is None:
         durable = wants_fsync(target)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        tmp = _make_temp_dir(target)
     except OSError as exc:
         msg = f"cannot create the output folder: {exc.strerror or exc}"
         raise OutputWriteError(msg, file=str(target)) from exc
@@ -123,7 +157,7 @@ def atomic_directory(target: Path, *, force: bool = True, durable: bool | None =
         if durable:
             _fsync_tree(tmp)
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            old = _make_temp_dir(target, ".old")
             os.rmdir(old)
             os.replace(target, old)
             try:
@@ -131,19 +165,19 @@ def atomic_directory(target: Path, *, force: bool = True, durable: bool | None =
             except BaseException:
                 os.replace(old, target)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            _rmtree(old)
         else:
             os.replace(tmp, target)
         if durable:
             _fsync_dir(target.parent)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _rmtree(tmp)
         if isinstance(exc, LorafmtError):
             raise
         msg = f"writing failed, nothing was written: {exc.strerror or exc}"
         raise OutputWriteError(msg, file=str(target)) from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _rmtree(tmp)
         raise
 
 

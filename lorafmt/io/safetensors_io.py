@@ -13,7 +13,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from lorafmt._record import Factory, Record
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,8 +64,7 @@ __all__ = [
 MAX_HEADER_BYTES = 100_000_000
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(Record, frozen=True):
     """Where one tensor's bytes are: absolute offsets into the file."""
 
     key: str
@@ -74,13 +73,20 @@ class TensorInfo:
     start: int
     end: int
 
+    def __init__(self, key: str, dtype: str, shape: tuple[int, ...], start: int, end: int) -> None:
+        values = self.__dict__  # one per tensor in the header: written directly
+        values["key"] = key
+        values["dtype"] = dtype
+        values["shape"] = shape
+        values["start"] = start
+        values["end"] = end
+
     @property
     def nbytes(self) -> int:
         return self.end - self.start
 
 
-@dataclass
-class Header:
+class Header(Record):
     """A parsed safetensors header: tensors by key (in file order), metadata, and the file's geometry."""
 
     path: str
@@ -88,7 +94,7 @@ class Header:
     metadata: dict[str, str]
     data_start: int
     file_size: int
-    _fd_cache: dict = field(default_factory=dict, repr=False)
+    _fd_cache: dict = Factory(dict)
 
     def read_bytes(self, key: str) -> bytes:
         info = self.tensors[key]
@@ -352,38 +358,31 @@ def parse_header(path: str, raw: bytes, *, data_start: int, file_size: int) -> H
     data_len = file_size - data_start
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
+    sizes = DTYPE_SIZES
     for key, entry in obj.items():
-        if not isinstance(entry, dict):
-            msg = f"tensor entry is {_json_type(entry)}, expected an object with dtype, shape and data_offsets"
-            raise HeaderError(msg, file=path, key=key)
-        missing = [f for f in ("dtype", "shape", "data_offsets") if f not in entry]
-        if missing:
-            msg = f"tensor entry lacks {', '.join(missing)}"
-            raise HeaderError(msg, file=path, key=key)
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            known = isinstance(dtype, str) and dtype in _UNSUPPORTED_DTYPES
-            msg = f"dtype {_short(dtype)} is not supported by lorafmt" if known else f"unknown dtype {_short(dtype)}"
-            raise UnknownDtypeError(msg, file=path, key=key)
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            msg = f"shape {_short(shape)} is not a list of non-negative integers"
-            raise BadShapeError(msg, file=path, key=key)
-        if len(shape) > MAX_NDIM or math.prod(d for d in shape if d) > MAX_ELEMENTS:
-            msg = f"shape {_short(shape)} is implausibly large"
-            raise BadShapeError(msg, file=path, key=key)
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_int(o) and o >= 0 for o in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            msg = f"data_offsets {_short(offsets)} is not a [begin, end] pair of integers with 0 <= begin <= end"
-            raise BadOffsetsError(msg, file=path, key=key)
-        begin, end = offsets
-        expected = math.prod(shape) * DTYPE_SIZES[dtype]
-        if end - begin != expected:
-            msg = f"shape {shape} x {dtype} needs {expected} bytes but data_offsets span {end - begin}"
-            raise ShapeMismatchError(msg, file=path, key=key)
+        # Fast path for a well-formed entry; anything unusual goes through _checked_entry, which names the defect.
+        try:
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            begin, end = offsets
+            numel = 1
+            for d in shape:
+                if type(d) is not int or d <= 0:
+                    raise ValueError
+                numel *= d
+            if (
+                type(entry) is not dict
+                or type(shape) is not list
+                or len(shape) > MAX_NDIM
+                or numel > MAX_ELEMENTS
+                or type(begin) is not int
+                or type(end) is not int
+                or not 0 <= begin <= end
+                or end - begin != numel * sizes[dtype]
+            ):
+                raise ValueError
+        except (TypeError, ValueError, KeyError):
+            begin, end = _checked_entry(path, key, entry)
+            dtype, shape = entry["dtype"], entry["shape"]
         tensors[key] = TensorInfo(key, dtype, tuple(shape), data_start + begin, data_start + end)
         spans.append((begin, end, key))
 
@@ -405,6 +404,42 @@ def parse_header(path: str, raw: bytes, *, data_start: int, file_size: int) -> H
         if end > prev_end:
             prev_end, prev_key = end, key
     return Header(path=path, tensors=tensors, metadata=metadata, data_start=data_start, file_size=file_size)
+
+
+def _checked_entry(path: str, key: str, entry: object) -> tuple[int, int]:
+    """Check one header entry field by field; raise the error that names its defect, else return its offsets."""
+    if not isinstance(entry, dict):
+        msg = f"tensor entry is {_json_type(entry)}, expected an object with dtype, shape and data_offsets"
+        raise HeaderError(msg, file=path, key=key)
+    missing = [f for f in ("dtype", "shape", "data_offsets") if f not in entry]
+    if missing:
+        msg = f"tensor entry lacks {', '.join(missing)}"
+        raise HeaderError(msg, file=path, key=key)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        known = isinstance(dtype, str) and dtype in _UNSUPPORTED_DTYPES
+        msg = f"dtype {_short(dtype)} is not supported by lorafmt" if known else f"unknown dtype {_short(dtype)}"
+        raise UnknownDtypeError(msg, file=path, key=key)
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        msg = f"shape {_short(shape)} is not a list of non-negative integers"
+        raise BadShapeError(msg, file=path, key=key)
+    if len(shape) > MAX_NDIM or math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        msg = f"shape {_short(shape)} is implausibly large"
+        raise BadShapeError(msg, file=path, key=key)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        msg = f"data_offsets {_short(offsets)} is not a [begin, end] pair of integers with 0 <= begin <= end"
+        raise BadOffsetsError(msg, file=path, key=key)
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != expected:
+        msg = f"shape {shape} x {dtype} needs {expected} bytes but data_offsets span {end - begin}"
+        raise ShapeMismatchError(msg, file=path, key=key)
+    return begin, end
 
 
 # safetensors dtypes lorafmt does not decode (sub-byte and exotic types no LoRA uses).
@@ -431,8 +466,7 @@ def _reject_constant(name: str) -> None:
 # --------------------------------------------------------------------------------------------- writing
 
 
-@dataclass(frozen=True)
-class WriteEntry:
+class WriteEntry(Record, frozen=True):
     """One output tensor: either bytes copied from a file range, or bytes in memory."""
 
     key: str
@@ -442,6 +476,25 @@ class WriteEntry:
     src_path: str | None = None
     src_offset: int = 0
     nbytes: int = 0
+
+    def __init__(
+        self,
+        key: str,
+        dtype: str,
+        shape: tuple[int, ...],
+        data: bytes | memoryview | None = None,
+        src_path: str | None = None,
+        src_offset: int = 0,
+        nbytes: int = 0,
+    ) -> None:
+        values = self.__dict__  # one per output tensor: written directly
+        values["key"] = key
+        values["dtype"] = dtype
+        values["shape"] = shape
+        values["data"] = data
+        values["src_path"] = src_path
+        values["src_offset"] = src_offset
+        values["nbytes"] = nbytes
 
     @property
     def size(self) -> int:

@@ -10,7 +10,7 @@ import contextvars
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from lorafmt._record import Factory, Record
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,8 +24,7 @@ __all__ = ["Source", "open_source", "source_from_mapping", "pickle_loading"]
 _SIDECAR_MAX_BYTES = 4_000_000
 
 
-@dataclass
-class Source:
+class Source(Record):
     """Header-level view of an input.
 
     Attributes:
@@ -39,10 +38,10 @@ class Source:
 
     path: str | None
     kind: Literal["file", "dir", "dict"]
-    tensors: dict[str, TensorRef] = field(default_factory=dict)
-    metadata: dict[str, str] = field(default_factory=dict)
-    parts: dict[str, Source] = field(default_factory=dict)
-    sidecars: dict[str, bytes] = field(default_factory=dict)
+    tensors: dict[str, TensorRef] = Factory(dict)
+    metadata: dict[str, str] = Factory(dict)
+    parts: dict[str, Source] = Factory(dict)
+    sidecars: dict[str, bytes] = Factory(dict)
 
     @property
     def name(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from lorafmt._record import Factory, Record
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
@@ -12,8 +12,7 @@ if TYPE_CHECKING:
 __all__ = ["Capabilities", "Match", "Layout", "PlannedFile", "WritePlan", "WriteOptions"]
 
 
-@dataclass(frozen=True)
-class Capabilities:
+class Capabilities(Record, frozen=True):
     """What a layout can express; drives refusals on write and the property-test strategies."""
 
     readable: bool = True
@@ -30,35 +29,31 @@ class Capabilities:
     set_tensors: bool = False  # can hold tensors that replace a base parameter (Module.mode == "set")
 
 
-@dataclass
-class Match:
+class Match(Record):
     """A layout's claim on a source: a score 0..100 and the evidence for it."""
 
     layout: str
     score: int
-    evidence: list[str] = field(default_factory=list)
+    evidence: list[str] = Factory(list)
 
 
-@dataclass
-class WriteOptions:
+class WriteOptions(Record):
     family: str | None = None
     allow_lossy: bool = False
 
 
-@dataclass
-class PlannedFile:
-    tensors: dict[str, TensorRef] = field(default_factory=dict)
-    metadata: dict[str, str] = field(default_factory=dict)
+class PlannedFile(Record):
+    tensors: dict[str, TensorRef] = Factory(dict)
+    metadata: dict[str, str] = Factory(dict)
 
 
-@dataclass
-class WritePlan:
+class WritePlan(Record):
     """What to write: one file (``files[""]``) or a folder of files and sidecars."""
 
     directory: bool = False
-    files: dict[str, PlannedFile] = field(default_factory=dict)
-    sidecars: dict[str, bytes] = field(default_factory=dict)
-    notes: list[Diagnostic] = field(default_factory=list)
+    files: dict[str, PlannedFile] = Factory(dict)
+    sidecars: dict[str, bytes] = Factory(dict)
+    notes: list[Diagnostic] = Factory(list)
 
 
 class Layout:

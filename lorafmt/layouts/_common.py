@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 
 from lorafmt.algorithms import algorithm_for_params, available_algorithms, get_algorithm
 from lorafmt.io.safetensors_io import ScalarReader
@@ -26,6 +27,7 @@ __all__ = [
 
 # Per-module keys every kohya-family reader understands beside the algorithm's own parameters.
 EXTRA_PARAMS = ("alpha", "dora_scale", "scale")
+EXTRA_PARAMS_SET = frozenset(EXTRA_PARAMS)
 
 
 def lycoris_param_to_role() -> dict[str, tuple[str, str]]:
@@ -77,9 +79,16 @@ class ModuleParts:
 
 
 def module_params(params: Iterable[str]) -> tuple[str | None, dict[str, str]]:
-    """Pick the algorithm for a set of LyCORIS-style parameter names; returns (algorithm, param -> role)."""
-    params = set(params)
-    algo = algorithm_for_params(params - set(EXTRA_PARAMS))
+    """Pick the algorithm for a set of LyCORIS-style parameter names; returns (algorithm, param -> role).
+
+    The returned mapping is shared between calls with the same names: read it, do not change it.
+    """
+    return _module_params(frozenset(params))
+
+
+@lru_cache(maxsize=256)  # a file has a handful of parameter-name sets, repeated over hundreds of modules
+def _module_params(params: frozenset[str]) -> tuple[str | None, dict[str, str]]:
+    algo = algorithm_for_params(set(params - EXTRA_PARAMS_SET))
     if algo is None:
         return None, {}
     inverse = {p: r for r, p in algo.param_names.items()}
@@ -165,7 +174,7 @@ def _assemble(groups, source, layout, unplaced, issues, evidence, read_alpha) ->
         if "scale" in parts.params:
             extras["scale"] = parts.params["scale"]
         dora = parts.params.get("dora_scale")
-        module = Module.model_construct(
+        module = Module(
             path=parts.path,
             algorithm=algo_name,
             tensors=tensors,

@@ -45,6 +45,7 @@ __all__ = ["LAYOUT", "BflControlLayout"]
 
 _LORA_RE = re.compile(r"^(?:diffusion_model\.)?([A-Za-z0-9_.]+?)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
 _NORM_RE = re.compile(r"^(?:diffusion_model\.)?([A-Za-z0-9_.]+?_norm)\.scale$")
+_ENDINGS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", "_norm.scale")  # what both regexes need
 _PARAM = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "lora_B.bias": "lora_B.bias"}
 _PARAMS_OUT = {"down": "lora_A.weight", "up": "lora_B.weight", "bias": "lora_B.bias"}
 
@@ -72,6 +73,8 @@ class BflControlLayout(Layout):
             return None
         claimed = norms = bias = 0
         for key in source.tensors:
+            if not key.endswith(_ENDINGS):
+                continue
             m = _LORA_RE.match(key)
             if m and is_bfl_path(m.group(1)):
                 claimed += 1

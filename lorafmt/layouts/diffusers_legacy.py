@@ -65,8 +65,13 @@ def _parse(key: str) -> tuple[str, str] | None:
     return None
 
 
+# Every legacy spelling ends in one of these (a cheap test before the regexes, which scan the whole key).
+_LEGACY_ENDINGS = (".lora.down.weight", ".lora.up.weight", ".lora_linear_layer.down.weight",
+                   ".lora_linear_layer.up.weight", "_lora.down.weight", "_lora.up.weight")
+
+
 def _is_legacy_spelling(key: str) -> bool:
-    return bool(_PROC_RE.match(key) or _LORA_RE.match(key))
+    return key.endswith(_LEGACY_ENDINGS) and bool(_PROC_RE.match(key) or _LORA_RE.match(key))
 
 
 class DiffusersLegacyLayout(Layout):

@@ -45,13 +45,13 @@ def flatten(path: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _by_length() -> tuple[int, dict[int, frozenset[tuple[str, ...]]]]:
-    groups: dict[int, set[tuple[str, ...]]] = {}
+def _words_by_first_token() -> dict[str, tuple[tuple[str, ...], ...]]:
+    """Vocabulary words split on '_', indexed by their first token, longest first."""
+    index: dict[str, list[tuple[str, ...]]] = {}
     for word in SEGMENT_VOCABULARY:
         parts = tuple(word.split("_"))
-        groups.setdefault(len(parts), set()).add(parts)
-    longest = max(groups)
-    return longest, {n: frozenset(v) for n, v in groups.items()}
+        index.setdefault(parts[0], []).append(parts)
+    return {first: tuple(sorted(words, key=len, reverse=True)) for first, words in index.items()}
 
 
 def unflatten(body: str) -> str:
@@ -63,17 +63,17 @@ def unflatten(body: str) -> str:
     'text_model.encoder.layers.11.self_attn.q_proj'
     """
     tokens = body.split("_")
-    longest, groups = _by_length()
+    index = _words_by_first_token()
     out: list[str] = []
-    i = 0
-    while i < len(tokens):
-        for n in range(min(longest, len(tokens) - i), 1, -1):
-            cand = tuple(tokens[i : i + n])
-            if cand in groups.get(n, ()):
-                out.append("_".join(cand))
-                i += n
+    i, count = 0, len(tokens)
+    while i < count:
+        token = tokens[i]
+        for word in index.get(token, ()):  # the longest vocabulary word starting here wins
+            if tuple(tokens[i : i + len(word)]) == word:
+                out.append("_".join(word))
+                i += len(word)
                 break
         else:
-            out.append(tokens[i])
+            out.append(token)
             i += 1
     return ".".join(out)

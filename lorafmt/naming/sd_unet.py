@@ -8,13 +8,12 @@ up level, one slot per down level for the downsampler, attention on the levels l
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from lorafmt._record import Record
 
 __all__ = ["UNetLayout", "UNET_LAYOUTS", "sgm_to_diffusers", "diffusers_to_sgm", "is_sgm_path"]
 
 
-@dataclass(frozen=True)
-class UNetLayout:
+class UNetLayout(Record, frozen=True):
     levels: int
     layers_per_block: int
     down_attention: frozenset[int]
