@@ -7,7 +7,6 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from lorafmt.algorithms import get_algorithm
 from lorafmt.detect import pick_layout
@@ -29,7 +28,10 @@ from lorafmt.layouts._base import WriteOptions, WritePlan
 from lorafmt._record import Factory
 from lorafmt.schema import ConversionReport, Detection, Diagnostic, LoraFile, SchemaModel, TensorRef
 
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds on every command
+
 if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
+    from typing import Any
     import numpy as np
 
 __all__ = ["read", "detect", "write", "convert", "diff", "inspect", "DiffReport", "ModuleDiff"]

@@ -242,10 +242,69 @@ def _optional_subcommands() -> list[Callable]:
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, sized from the terminal without importing shutil (and its compression modules)."""
+
+    def __init__(self, prog: str, **kwargs) -> None:
+        if kwargs.get("width") is None:
+            import os
+
+            try:
+                columns = int(os.environ.get("COLUMNS", "0")) or os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                columns = 80
+            kwargs["width"] = columns - 2
+        super().__init__(prog, **kwargs)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+class _SkippedParser:
+    """Stands in for the parser of a subcommand this invocation does not run: every call is a no-op."""
+
+    def __getattr__(self, name: str):
+        return self._ignore
+
+    def _ignore(self, *args, **kwargs):
+        return self
+
+
+class _OnlySubcommand:
+    """Wraps argparse's subparsers action so that only the subcommand being run is built (the others cost
+    milliseconds of argparse work for nothing)."""
+
+    def __init__(self, sub, wanted: str) -> None:
+        self._sub = sub
+        self._wanted = wanted
+
+    def add_parser(self, name: str, **kwargs):
+        if name == self._wanted or self._wanted in kwargs.get("aliases", ()):
+            return self._sub.add_parser(name, **kwargs)
+        return _SkippedParser()
+
+    def __getattr__(self, name: str):
+        return getattr(self._sub, name)
+
+
+def _requested_command(argv: Sequence[str] | None) -> str | None:
+    """The subcommand named on the command line (top-level options take no values), if any."""
+    for arg in sys.argv[1:] if argv is None else argv:
+        if not arg.startswith("-"):
+            return arg
+        if arg in ("-h", "--help", "--version"):
+            return None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None, *, only_requested: bool = False) -> argparse.ArgumentParser:
+    """The ``lorafmt`` parser; with `only_requested`, only the subcommand named in `argv` gets its options."""
     from lorafmt import __version__
 
-    parser = argparse.ArgumentParser(prog="lorafmt", description="Convert, validate and fuse diffusion LoRA checkpoints.")
+    parser = _Parser(prog="lorafmt", description="Convert, validate and fuse diffusion LoRA checkpoints.")
     parser.add_argument("--version", action="version", version=f"lorafmt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -257,8 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in [*SUBCOMMANDS, *_optional_subcommands()]:
-        add(sub)
+    adders = [*SUBCOMMANDS, *_optional_subcommands()]
+    wanted = _requested_command(argv) if only_requested else None
+    target = sub
+    if wanted is not None:
+        target = _OnlySubcommand(sub, wanted)
+        for add in adders:
+            add(target)
+        if wanted not in sub.choices:  # unknown command: build them all, so argparse lists the choices
+            target = sub
+    if target is sub:
+        for add in adders:
+            add(sub)
     _add_allow_pickle(sub)
     return parser
 
@@ -289,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lorafmt.errors import LorafmtError
     from lorafmt.io.source import pickle_loading
 
-    parser = build_parser()
+    parser = build_parser(argv, only_requested=True)
     args = parser.parse_args(argv)
     if args.fsync:
         from lorafmt.io.atomic import FSYNC_ENV

@@ -23,7 +23,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: this module is imported by every command
+if TYPE_CHECKING:
+    from typing import Any, TextIO
 
 __all__ = ["add_parser", "add_validate_parser", "main", "render_report", "run_validate"]
 

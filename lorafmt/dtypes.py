@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds on every command
+
 
 if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
     import numpy as np

@@ -39,10 +39,13 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from lorafmt._record import Factory
 from lorafmt.schema import SchemaModel
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds on every command
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "KnownMetadata",

@@ -21,9 +21,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds on every command
+
 
 if TYPE_CHECKING:
+    from typing import ClassVar
     import numpy as np
 
     from lorafmt.schema import Module

@@ -15,7 +15,6 @@ import struct
 from collections.abc import Iterable, Mapping
 from lorafmt._record import Factory, Record
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lorafmt.dtypes import DTYPE_SIZES, numpy_dtype, to_float32
 from lorafmt.errors import (
@@ -45,6 +44,8 @@ from lorafmt.errors import (
     UnknownDtypeError,
 )
 from lorafmt.io.atomic import atomic_output, open_output
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds on every command
 
 if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
     import numpy as np

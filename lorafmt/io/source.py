@@ -12,11 +12,14 @@ import os
 from collections.abc import Iterator
 from lorafmt._record import Factory, Record
 from pathlib import Path
-from typing import Any, Literal
 
 from lorafmt.errors import HeaderError, PickleFileError, SourceError
 from lorafmt.io.safetensors_io import read_header
 from lorafmt.schema import TensorRef
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds on every command
+if TYPE_CHECKING:
+    from typing import Any, Literal
 
 __all__ = ["Source", "open_source", "source_from_mapping", "pickle_loading"]
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 from lorafmt.errors import RegistryError
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds on every command
 
 if TYPE_CHECKING:
     from lorafmt.layouts._base import Layout

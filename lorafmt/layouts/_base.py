@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from lorafmt._record import Factory, Record
-from typing import TYPE_CHECKING, ClassVar
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds on every command
 
 if TYPE_CHECKING:
+    from typing import ClassVar
     from lorafmt.io.source import Source
     from lorafmt.schema import Diagnostic, LoraFile, TensorRef
 

@@ -24,16 +24,11 @@ Capabilities: LoRA, DoRA (output axis), lora_B bias, LoHa, LoKr, per-module alph
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import numpy as np
-
 import json
 import re
 from collections import Counter
 
-
+from lorafmt.algorithms.dora import adopt_peft_magnitude, peft_magnitude_shape
 from lorafmt.errors import SourceError
 from lorafmt.families import AMUSED_ROOTS, detect_family
 from lorafmt.io.source import Source
@@ -42,8 +37,11 @@ from lorafmt.layouts._common import ModuleParts, assemble, carried_metadata, iss
 from lorafmt.naming.clip import canonical_text_path
 from lorafmt.naming.shapes import linear_factor
 from lorafmt.naming.peft_config import config_alpha, config_for_modules, pattern_value
-from lorafmt.algorithms.dora import adopt_peft_magnitude, peft_magnitude_shape
 from lorafmt.schema import LoraFile, Module, TensorRef
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds on every command
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["LAYOUT", "PeftLayout"]
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Any
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds on every command
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["pattern_value", "module_pattern", "config_for_modules", "canonical_alpha", "config_alpha"]
 
