@@ -6,7 +6,6 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 from lorafmt.algorithms import get_algorithm
 from lorafmt.detect import pick_layout
@@ -214,7 +213,7 @@ def _entry(key: str, ref: TensorRef, dtype: str | None) -> tuple[WriteEntry, boo
 
 
 def _execute(
-    plan: WritePlan, dst: Path, dtype: str | None, force: bool, report: ConversionReport, check: Callable[[Path], None] | None = None
+    plan: WritePlan, dst: str, dtype: str | None, force: bool, report: ConversionReport, check: Callable[[Any], None] | None = None
 ) -> None:
     """Write `plan` atomically; `check(tmp)` (verification) runs on the finished temporary output before the rename."""
     def entries_for(tensors: dict[str, TensorRef]) -> list[WriteEntry]:
@@ -236,7 +235,7 @@ def _execute(
             return
         with atomic_output(dst, force=force) as tmp:  # flushes (or not) as a whole, after the check
             write_safetensors(tmp, entries_for(planned.tensors), planned.metadata, force=True, durable=False)
-            check(Path(tmp))
+            check(tmp)
         return
     with atomic_directory(dst, force=force) as tmp:
         for rel, planned in sorted(plan.files.items()):
@@ -298,7 +297,7 @@ def write(
 
         if verify or needs_verification(plan.files, dtype):
             check = make_check(lora, layout=lay.name, family=family or lora.family, report=report)
-    _execute(plan, Path(dst), dtype, force, report, check)
+    _execute(plan, os.fspath(dst), dtype, force, report, check)
     if stale_hashes and not plan.directory:
         from lorafmt.metadata import update_file_hashes
 
@@ -350,7 +349,7 @@ def convert(
         >>> report = lorafmt.convert("kohya.safetensors", "pytorch_lora_weights.safetensors", to="diffusers")  # doctest: +SKIP
         >>> report.modules  # doctest: +SKIP
     """
-    if not force and (Path(dst).exists() or Path(dst).is_symlink()):
+    if not force and os.path.lexists(dst):
         msg = "output exists; pass --force (force=True) to replace it"
         raise OutputExistsError(msg, file=str(dst))
     lora = read(src, layout=source_layout, family=family, allow_pickle=allow_pickle)

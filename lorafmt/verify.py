@@ -24,12 +24,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from lorafmt.dtypes import FLOAT_DTYPES
 from lorafmt.errors import LorafmtError, VerificationError
 from lorafmt._record import Factory
 from lorafmt.schema import ConversionReport, LoraFile, Module, SchemaModel
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["TOLERANCES", "needs_verification", "verify_modules", "verify_output", "make_check", "VerifyReport"]
 

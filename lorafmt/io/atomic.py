@@ -13,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 from lorafmt.errors import LorafmtError, OutputExistsError, OutputWriteError, SourceError
+
+TYPE_CHECKING = False  # pathlib and typing cost milliseconds to import; only atomic_directory needs Path
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["atomic_output", "atomic_directory", "wants_fsync", "open_output"]
 
@@ -28,21 +31,31 @@ def _umask() -> int:
     return mask
 
 
-def _default_mode(target: Path, base: int) -> int:
+def _default_mode(target: str, base: int) -> int:
     """Keep an existing output's permissions; otherwise what open() would give (mkstemp makes 0600)."""
     try:
-        return target.stat().st_mode & 0o7777
+        return os.stat(target).st_mode & 0o7777
     except OSError:
         return base & ~_umask()
 
 
-def _sibling_name(target: Path, suffix: str) -> Path:
+def _clean(target: str | os.PathLike) -> str:
+    # Plain strings, not pathlib (a few ms of imports on every command); trailing separators dropped as Path does.
+    path = os.fspath(target)
+    return path.rstrip("/" + os.sep) or path
+
+
+def _parent(target: str) -> str:
+    return os.path.dirname(target) or "."
+
+
+def _sibling_name(target: str, suffix: str) -> str:
     # A hidden, unpredictable name next to the target (what tempfile.mkstemp makes, without importing tempfile
     # and shutil on the fast path).
-    return target.parent / f".{target.name}.{os.urandom(6).hex()}{suffix}"
+    return os.path.join(_parent(target), f".{os.path.basename(target)}.{os.urandom(6).hex()}{suffix}")
 
 
-def _make_temp_file(target: Path) -> str:
+def _make_temp_file(target: str) -> str:
     for _ in range(100):
         path = _sibling_name(target, ".tmp")
         try:
@@ -50,12 +63,12 @@ def _make_temp_file(target: Path) -> str:
         except FileExistsError:
             continue
         os.close(fd)
-        return str(path)
+        return path
     msg = f"no free temporary name next to {target}"
     raise FileExistsError(msg)
 
 
-def _make_temp_dir(target: Path, suffix: str = ".tmp") -> Path:
+def _make_temp_dir(target: str, suffix: str = ".tmp") -> str:
     for _ in range(100):
         path = _sibling_name(target, suffix)
         try:
@@ -67,13 +80,13 @@ def _make_temp_dir(target: Path, suffix: str = ".tmp") -> Path:
     raise FileExistsError(msg)
 
 
-def _rmtree(path: Path) -> None:
+def _rmtree(path: str | os.PathLike) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
 
 
-def open_output(path: str | Path):
+def open_output(path: str | os.PathLike):
     """Open a temporary output for writing, binary, without ``O_TRUNC``.
 
     ext4 (default ``auto_da_alloc``) treats truncating a file and rewriting it as a replace-by-truncate and
@@ -90,37 +103,38 @@ def open_output(path: str | Path):
         raise
 
 
-def wants_fsync(target: Path) -> bool:
+def wants_fsync(target: str | os.PathLike) -> bool:
     """Whether an output written to `target` is flushed to disk before it is renamed into place."""
     setting = os.environ.get(FSYNC_ENV, "auto").strip().lower()
     if setting in ("always", "1", "true", "yes", "on"):
         return True
-    return target.exists() or target.is_symlink()
+    return os.path.lexists(target)
 
 
-def _check_target(target: Path, force: bool, want_dir: bool) -> None:
-    if target.exists() or target.is_symlink():
+def _check_target(target: str, force: bool, want_dir: bool) -> None:
+    if os.path.lexists(target):
         if not force:
             msg = "output exists; pass --force (force=True) to replace it"
-            raise OutputExistsError(msg, file=str(target))
-        if want_dir != target.is_dir():
-            kind = "a directory" if target.is_dir() else "a file"
+            raise OutputExistsError(msg, file=target)
+        is_dir = os.path.isdir(target)
+        if want_dir != is_dir:
+            kind = "a directory" if is_dir else "a file"
             msg = f"output exists and is {kind}; refusing to replace it with a {'directory' if want_dir else 'file'}"
-            raise OutputExistsError(msg, file=str(target))
-    parent = target.parent
-    if not parent.is_dir():
+            raise OutputExistsError(msg, file=target)
+    parent = _parent(target)
+    if not os.path.isdir(parent):
         msg = "output folder does not exist"
-        raise SourceError(msg, file=str(parent))
+        raise SourceError(msg, file=parent)
 
 
 @contextlib.contextmanager
-def atomic_output(target: Path, *, force: bool = True, durable: bool | None = None) -> Iterator[str]:
+def atomic_output(target: str | os.PathLike, *, force: bool = True, durable: bool | None = None) -> Iterator[str]:
     """Yield a temporary file path next to `target`; rename it onto `target` only if the block succeeds.
 
     Reading the source and writing onto the same path is safe: the source stays intact until the rename.
     `durable` (default: :func:`wants_fsync`) flushes the file and its folder around the rename.
     """
-    target = Path(target)
+    target = _clean(target)
     _check_target(target, force, want_dir=False)
     if durable is None:
         durable = wants_fsync(target)
@@ -132,7 +146,7 @@ def atomic_output(target: Path, *, force: bool = True, durable: bool | None = No
             _fsync_file(tmp)
         os.replace(tmp, target)
         if durable:
-            _fsync_dir(target.parent)
+            _fsync_dir(_parent(target))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -140,23 +154,25 @@ def atomic_output(target: Path, *, force: bool = True, durable: bool | None = No
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, *, force: bool = True, durable: bool | None = None) -> Iterator[Path]:
-    """Yield a temporary directory next to `target`; swap it into place only if the block succeeds."""
-    target = Path(target)
+def atomic_directory(target: str | os.PathLike, *, force: bool = True, durable: bool | None = None) -> Iterator[Path]:
+    """Yield a temporary directory (a Path) next to `target`; swap it into place only if the block succeeds."""
+    from pathlib import Path  # folder outputs only
+
+    target = _clean(target)
     _check_target(target, force, want_dir=True)
     if durable is None:
         durable = wants_fsync(target)
     try:
-        tmp = _make_temp_dir(target)
+        tmp = Path(_make_temp_dir(target))
     except OSError as exc:
         msg = f"cannot create the output folder: {exc.strerror or exc}"
-        raise OutputWriteError(msg, file=str(target)) from exc
+        raise OutputWriteError(msg, file=target) from exc
     try:
         yield tmp
         os.chmod(tmp, _default_mode(target, 0o777))
         if durable:
             _fsync_tree(tmp)
-        if target.exists():
+        if os.path.exists(target):
             old = _make_temp_dir(target, ".old")
             os.rmdir(old)
             os.replace(target, old)
@@ -169,19 +185,19 @@ def atomic_directory(target: Path, *, force: bool = True, durable: bool | None =
         else:
             os.replace(tmp, target)
         if durable:
-            _fsync_dir(target.parent)
+            _fsync_dir(_parent(target))
     except OSError as exc:
         _rmtree(tmp)
         if isinstance(exc, LorafmtError):
             raise
         msg = f"writing failed, nothing was written: {exc.strerror or exc}"
-        raise OutputWriteError(msg, file=str(target)) from exc
+        raise OutputWriteError(msg, file=target) from exc
     except BaseException:
         _rmtree(tmp)
         raise
 
 
-def _fsync_file(path: str | Path) -> None:
+def _fsync_file(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -189,14 +205,14 @@ def _fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def _fsync_tree(root: str | os.PathLike) -> None:
     for folder, _dirs, files in os.walk(root):
         for name in files:
-            _fsync_file(Path(folder) / name)
-        _fsync_dir(Path(folder))
+            _fsync_file(os.path.join(folder, name))
+        _fsync_dir(folder)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | os.PathLike) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:

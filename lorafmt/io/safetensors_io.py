@@ -14,7 +14,6 @@ import stat
 import struct
 from collections.abc import Iterable, Mapping
 from lorafmt._record import Factory, Record
-from pathlib import Path
 
 from lorafmt.dtypes import DTYPE_SIZES, numpy_dtype, to_float32
 from lorafmt.errors import (
@@ -682,7 +681,7 @@ def write_safetensors(
     entries = data_order(entries)
     header = build_header(entries, metadata)
     try:
-        with atomic_output(Path(path), force=force, durable=durable) as tmp:
+        with atomic_output(path, force=force, durable=durable) as tmp:
             with open_output(tmp) as fh:
                 _write_all(fh.fileno(), [header])
                 write_entries(fh, entries)

@@ -11,7 +11,6 @@ import json
 import os
 from collections.abc import Iterator
 from lorafmt._record import Factory, Record
-from pathlib import Path
 
 from lorafmt.errors import HeaderError, PickleFileError, SourceError
 from lorafmt.io.safetensors_io import read_header
@@ -82,6 +81,8 @@ def _file_source(path: str) -> Source:
 
 
 def _dir_source(path: str) -> Source:
+    from pathlib import Path  # folders only (PEFT adapters)
+
     root = Path(path)
     parts: dict[str, Source] = {}
     sidecars: dict[str, bytes] = {}
