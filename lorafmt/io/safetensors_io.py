@@ -506,21 +506,23 @@ def build_header(entries: list[WriteEntry], metadata: Mapping[str, str] | None) 
 
     Keys appear in sorted order in the JSON; the data order is the caller's (see :func:`data_order`).
     """
-    spans: dict[str, tuple[WriteEntry, int]] = {}
+    spans: dict[str, tuple[WriteEntry, int, int]] = {}
     offset = 0
+    sizes = DTYPE_SIZES
     for e in entries:
-        expected = math.prod(e.shape) * DTYPE_SIZES[e.dtype]
-        if e.size != expected:
-            msg = f"internal error: {e.key} has {e.size} bytes, shape {e.shape} {e.dtype} needs {expected}"
+        size = e.nbytes if e.data is None else len(e.data)
+        expected = math.prod(e.shape) * sizes[e.dtype]
+        if size != expected:
+            msg = f"internal error: {e.key} has {size} bytes, shape {e.shape} {e.dtype} needs {expected}"
             raise AssertionError(msg)
-        spans[e.key] = (e, offset)
-        offset += e.size
+        spans[e.key] = (e, offset, offset + size)
+        offset += size
     obj: dict[str, object] = {}
     if metadata:
         obj["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
     for key in sorted(spans):
-        e, begin = spans[key]
-        obj[key] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [begin, begin + e.size]}
+        e, begin, end = spans[key]
+        obj[key] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [begin, end]}
     raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data buffer to 8 bytes, as the reference writer does
     return struct.pack("<Q", len(raw)) + raw

@@ -54,6 +54,16 @@ def _words_by_first_token() -> dict[str, tuple[tuple[str, ...], ...]]:
     return {first: tuple(sorted(words, key=len, reverse=True)) for first, words in index.items()}
 
 
+@lru_cache(maxsize=1)
+def _token_pattern():
+    """One regex doing what the loop in :func:`unflatten` does: at each token, the longest vocabulary word that
+    ends on a token boundary, else the token itself (alternatives are tried longest first)."""
+    import re
+
+    words = sorted(SEGMENT_VOCABULARY, key=len, reverse=True)
+    return re.compile(r"(?:" + "|".join(map(re.escape, words)) + r")(?=_|$)|[^_]+")
+
+
 def unflatten(body: str) -> str:
     """Turn a flattened kohya body back into a dotted module path.
 
@@ -62,7 +72,9 @@ def unflatten(body: str) -> str:
     >>> unflatten("text_model_encoder_layers_11_self_attn_q_proj")
     'text_model.encoder.layers.11.self_attn.q_proj'
     """
-    tokens = body.split("_")
+    if "__" not in body and not body.startswith("_") and not body.endswith("_"):
+        return ".".join(_token_pattern().findall(body))
+    tokens = body.split("_")  # empty tokens: the explicit loop keeps them
     index = _words_by_first_token()
     out: list[str] = []
     i, count = 0, len(tokens)
