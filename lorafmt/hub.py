@@ -249,7 +249,7 @@ def hub_header_source(hub: HubPath | str, *, fs: Any = None):
             arr = np.frombuffer(data, dtype=numpy_dtype(info.dtype)).reshape(info.shape)
             tensors[key] = TensorRef.from_raw(key, info.dtype, arr)
         else:
-            tensors[key] = TensorRef.model_construct(key=key, dtype=info.dtype, shape=info.shape, file=None, offset=None)
+            tensors[key] = TensorRef(key=key, dtype=info.dtype, shape=info.shape, file=None, offset=None)
     return Source(path=hp.url, kind="file", tensors=tensors, metadata=dict(header.metadata))
 
 

@@ -74,7 +74,7 @@ class Source(Record):
 def _file_source(path: str) -> Source:
     header = read_header(path)
     tensors = {
-        key: TensorRef.model_construct(key=key, dtype=info.dtype, shape=info.shape, file=path, offset=info.start)
+        key: TensorRef(key=key, dtype=info.dtype, shape=info.shape, file=path, offset=info.start)
         for key, info in header.tensors.items()
     }
     return Source(path=path, kind="file", tensors=tensors, metadata=dict(header.metadata))

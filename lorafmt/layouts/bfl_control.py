@@ -116,7 +116,7 @@ class BflControlLayout(Layout):
                 lora.unplaced[ref.key] = ref
                 lora.issues.append(issue("R008", "norm scale needs the `full` algorithm, not available", key=ref.key, module=path, severity="warning"))
                 continue
-            lora.modules[path] = Module.model_construct(
+            lora.modules[path] = Module(
                 path=path, algorithm="full", tensors={"diff": ref}, alpha=None, alpha_dtype=None,
                 dora_scale=None, dora_axis=None, extras={}, mode="set",
             )

@@ -154,7 +154,7 @@ class ComfyUILayout(Layout):
                 lora.unplaced[ref.key] = ref
                 lora.issues.append(issue("R008", "a set_weight tensor needs the `full` algorithm, not available", key=ref.key, module=path, severity="warning"))
                 continue
-            lora.modules[path] = Module.model_construct(
+            lora.modules[path] = Module(
                 path=path, algorithm="full", tensors={"diff": ref}, alpha=None, alpha_dtype=None,
                 dora_scale=None, dora_axis=None, extras={}, mode="set",
             )

@@ -213,7 +213,7 @@ def split_module(
                 tensors[role] = row_slice(tensors[role], start, start + size)
         dora = row_slice(module.dora_scale, start, start + size) if module.dora_scale is not None else None
         out.append(
-            Module.model_construct(
+            Module(
                 path=path,
                 algorithm=module.algorithm,
                 tensors=tensors,
@@ -349,7 +349,7 @@ def _split_by_support(module: Module, paths: Sequence[str], sizes: Sequence[int]
         dora = row_slice(module.dora_scale, rows.start, rows.stop) if module.dora_scale is not None else None
         alpha = None if module.alpha is None else scale * r
         out.append(
-            Module.model_construct(
+            Module(
                 path=path,
                 algorithm="lora",
                 tensors=tensors,
@@ -530,7 +530,7 @@ def join_modules(path: str, parts: Sequence[Module | None], sizes: Sequence[int]
     dora = None
     if all(doras) and doras:
         dora = concat_rows([m.dora_scale for _, m in present], f"{path}.dora_scale")
-    joined = Module.model_construct(
+    joined = Module(
         path=path,
         algorithm="lora",
         tensors=tensors,
@@ -560,7 +560,7 @@ def _join_full(path: str, parts: Sequence[Module | None], sizes: Sequence[int]) 
                 ref = m.tensors[role]
                 chunks.append(ref if m.scale == 1.0 else scaled(ref, m.scale, "F32", f"{m.path}.{role}"))
         tensors[role] = concat_rows(chunks, f"{path}.{role}")
-    return Module.model_construct(
+    return Module(
         path=path, algorithm="full", tensors=tensors, alpha=None, alpha_dtype=None, dora_scale=None, dora_axis=None, extras=dict(first.extras)
     )
 
