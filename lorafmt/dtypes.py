@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
+import struct
+
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds on every command
-
-
 if TYPE_CHECKING:  # numpy is imported on first use: header-only commands never load it
     import numpy as np
 
-__all__ = ["DTYPE_SIZES", "FLOAT_DTYPES", "to_float32", "from_float32", "numpy_dtype", "CLI_DTYPES"]
+__all__ = [
+    "DTYPE_SIZES",
+    "FLOAT_DTYPES",
+    "to_float32",
+    "from_float32",
+    "numpy_dtype",
+    "CLI_DTYPES",
+    "float32_round",
+    "encode_float32_scalar",
+]
 
 # Bytes per element for every dtype the safetensors format defines. Sub-byte types are not
 # accepted (no LoRA uses them); an unknown dtype is a header error.
@@ -112,3 +122,42 @@ def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
         return values.astype("<f8")
     msg = f"cannot encode float values as {dtype}"
     raise ValueError(msg)
+
+
+# ------------------------------------------------------------------------------------ scalars without numpy
+
+
+def float32_round(value: float) -> float | None:
+    """`value` rounded to float32 (as a Python float), or None when a finite value overflows float32."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:
+        return None
+
+
+def encode_float32_scalar(value: float, dtype: str) -> bytes | None:
+    """One float32 value encoded as `dtype` exactly as :func:`from_float32` would (round to nearest even,
+    overflow to infinity), with the standard library only; None for dtypes it does not cover (fp8, integers).
+
+    Scalars (alphas) are the only tensors a rename-only conversion computes: encoding them this way keeps
+    numpy out of the process.
+
+    Example:
+        >>> encode_float32_scalar(8.0, "BF16").hex(), encode_float32_scalar(8.0, "F16").hex()
+        ('0041', '0048')
+    """
+    if dtype == "F32":
+        return struct.pack("<f", value)
+    if dtype == "F64":
+        return struct.pack("<d", value)
+    if dtype == "F16":
+        try:
+            return struct.pack("<e", value)
+        except OverflowError:
+            return struct.pack("<e", math.copysign(math.inf, value))
+    if dtype == "BF16":
+        if math.isnan(value):
+            return struct.pack("<H", 0x7FC0)
+        (bits,) = struct.unpack("<I", struct.pack("<f", value))
+        return struct.pack("<H", ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
+    return None

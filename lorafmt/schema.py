@@ -156,9 +156,11 @@ class TensorRef(SchemaModel, frozen=True):
     offset: int | None = None
     """Absolute byte offset of the data in `file`."""
 
-    # In-memory values: a plain attribute, not a field (never validated or serialised); instances that hold
-    # an array set it with object.__setattr__.
+    # In-memory values: plain attributes, not fields (never validated or serialised), set with
+    # object.__setattr__: `_array` holds a numpy array, `_bytes` already-encoded bytes (small tensors such as
+    # alphas, built without importing numpy).
     _array = None
+    _bytes = None
 
     def __init__(
         self, *, key: str, dtype: str, shape: tuple[int, ...], file: str | None = None, offset: int | None = None
@@ -193,6 +195,16 @@ class TensorRef(SchemaModel, frozen=True):
         return ref
 
     @classmethod
+    def from_bytes(cls, key: str, dtype: str, shape: tuple[int, ...], data: bytes) -> TensorRef:
+        """Wrap bytes already encoded as `dtype` (little-endian, as safetensors stores them)."""
+        ref = cls(key=key, dtype=dtype, shape=tuple(shape))
+        if len(data) != ref.nbytes:
+            msg = f"{key}: {len(data)} bytes cannot hold shape {list(ref.shape)} of {dtype}"
+            raise ValueError(msg)
+        object.__setattr__(ref, "_bytes", bytes(data))
+        return ref
+
+    @classmethod
     def from_raw(cls, key: str, dtype: str, raw: np.ndarray) -> TensorRef:
         """Wrap an array already encoded as `dtype` (as :func:`lorafmt.dtypes.numpy_dtype` holds it)."""
         import numpy as np
@@ -205,10 +217,13 @@ class TensorRef(SchemaModel, frozen=True):
         """The stored values, encoded as :func:`lorafmt.dtypes.numpy_dtype` gives (bf16 as uint16)."""
         if self._array is not None:
             return self._array.reshape(self.shape)
+        import numpy as np
+
+        if self._bytes is not None:
+            return np.frombuffer(self._bytes, dtype=numpy_dtype(self.dtype)).reshape(self.shape)
         if self.file is None or self.offset is None:
             msg = f"tensor {self.key} has no data"
             raise ValueError(msg)
-        import numpy as np
 
         with open(self.file, "rb") as fh:
             fh.seek(self.offset)
@@ -225,6 +240,8 @@ class TensorRef(SchemaModel, frozen=True):
         return to_float32(self.raw(), self.dtype)
 
     def tobytes(self) -> bytes:
+        if self._bytes is not None:
+            return self._bytes
         import numpy as np
 
         return np.ascontiguousarray(self.raw()).tobytes()
@@ -236,6 +253,8 @@ class TensorRef(SchemaModel, frozen=True):
         if self.numel != 1:
             msg = f"expected a scalar, found shape {list(self.shape)}"
             raise ValueError(msg)
+        if self._bytes is not None:
+            return decode_scalar(self._bytes, self.dtype, key=self.key)
         if self._array is not None or self.file is None or self.offset is None:
             return float(self.float32().reshape(-1)[0])
         with open(self.file, "rb") as fh:
@@ -252,18 +271,22 @@ class TensorRef(SchemaModel, frozen=True):
         ref = TensorRef(key=self.key, dtype=self.dtype, shape=shape, file=self.file, offset=self.offset)
         if self._array is not None:
             object.__setattr__(ref, "_array", self._array.reshape(shape))
+        if self._bytes is not None:
+            object.__setattr__(ref, "_bytes", self._bytes)
         return ref
 
     def renamed(self, key: str) -> TensorRef:
         ref = TensorRef(key=key, dtype=self.dtype, shape=self.shape, file=self.file, offset=self.offset)
         if self._array is not None:
             object.__setattr__(ref, "_array", self._array)
+        if self._bytes is not None:
+            object.__setattr__(ref, "_bytes", self._bytes)
         return ref
 
     @property
     def streamable(self) -> bool:
         """True when the bytes can be copied straight from the source file."""
-        return self._array is None and self.file is not None
+        return self._array is None and self._bytes is None and self.file is not None
 
 
 def _dtype_of(array: np.ndarray) -> str:

@@ -97,21 +97,26 @@ def _module_params(params: frozenset[str]) -> tuple[str | None, dict[str, str]]:
 
 def alpha_tensor(value: float, dtype: str | None, like: str | None = None) -> TensorRef:
     """An alpha scalar in `dtype`; without one, in the weights' dtype `like` when that holds it exactly
-    (sd-scripts saves alpha in the save dtype), else float32."""
-    import numpy as np
+    (sd-scripts saves alpha in the save dtype), else float32. Encoded without numpy for float dtypes."""
+    import struct
 
-    with np.errstate(over="ignore"):
-        overflows = math.isfinite(value) and not math.isfinite(float(np.float32(value)))
-    if overflows:  # beyond float32 (only a hand-edited config gets here): keep it finite rather than write inf
-        return TensorRef.from_raw("alpha", "F64", np.asarray(value, dtype="<f8"))
+    from lorafmt.dtypes import encode_float32_scalar, float32_round
+    from lorafmt.io.safetensors_io import decode_scalar
+
+    rounded = float32_round(value)
+    if rounded is None:  # beyond float32 (only a hand-edited config gets here): keep it finite rather than write inf
+        return TensorRef.from_bytes("alpha", "F64", (), struct.pack("<d", value))
     if dtype is None:
         dtype = "F32"
         if like in ("F16", "BF16"):
-            from lorafmt.dtypes import from_float32, to_float32
-
-            encoded = from_float32(np.asarray([value], dtype=np.float32), like)
-            if float(to_float32(encoded, like)[0]) == float(np.float32(value)):
+            encoded = encode_float32_scalar(rounded, like)
+            if encoded is not None and decode_scalar(encoded, like) == rounded:
                 dtype = like
+    data = encode_float32_scalar(rounded, dtype)
+    if data is not None:
+        return TensorRef.from_bytes("alpha", dtype, (), data)
+    import numpy as np  # fp8 or integer alphas: rare enough to pay for numpy
+
     return TensorRef.from_array("alpha", np.asarray(value, dtype=np.float32), dtype)
 
 
