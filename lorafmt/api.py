@@ -238,9 +238,19 @@ def _entry(key: str, ref: TensorRef, dtype: str | None) -> tuple[WriteEntry, boo
 
 
 def _execute(
-    plan: WritePlan, dst: str, dtype: str | None, force: bool, report: ConversionReport, check: Callable[[Any], None] | None = None
+    plan: WritePlan,
+    dst: str,
+    dtype: str | None,
+    force: bool,
+    report: ConversionReport,
+    check: Callable[[Any], None] | None = None,
+    stale_hashes: dict[str, str] | None = None,
 ) -> None:
-    """Write `plan` atomically; `check(tmp)` (verification) runs on the finished temporary output before the rename."""
+    """Write `plan` atomically; `check(tmp)` (verification) runs on the finished temporary output before the rename.
+
+    `stale_hashes` (hash keys the source carried) get values for the new file, computed from the planned bytes
+    so the output is written once.
+    """
     def entries_for(tensors: dict[str, TensorRef]) -> list[WriteEntry]:
         out = []
         for key, ref in tensors.items():
@@ -255,11 +265,17 @@ def _execute(
 
     if not plan.directory:
         planned = plan.files[""]
+        entries = entries_for(planned.tensors)
+        metadata = planned.metadata
+        if stale_hashes:
+            from lorafmt.metadata import fresh_hashes
+
+            metadata = {**metadata, **fresh_hashes(entries, metadata, stale_hashes)}
         if check is None:
-            write_safetensors(dst, entries_for(planned.tensors), planned.metadata, force=force)
+            write_safetensors(dst, entries, metadata, force=force)
             return
         with atomic_output(dst, force=force) as tmp:  # flushes (or not) as a whole, after the check
-            write_safetensors(tmp, entries_for(planned.tensors), planned.metadata, force=True, durable=False)
+            write_safetensors(tmp, entries, metadata, force=True, durable=False)
             check(tmp)
         return
     with atomic_directory(dst, force=force) as tmp:
@@ -323,12 +339,14 @@ def write(
 
         if verify or needs_verification(plan.files, dtype):
             check = make_check(lora, layout=lay.name, family=family or lora.family, report=report)
-    _execute(plan, os.fspath(dst), dtype, force, report, check)
-    if stale_hashes and not plan.directory:
-        from lorafmt.metadata import update_file_hashes
-
-        update_file_hashes(dst, stale_hashes, style=stale_hashes)
+    _execute(plan, os.fspath(dst), dtype, force, report, check, stale_hashes)
     return report
+
+
+# Layouts whose readers use the weights-only hashes (sd-scripts writes them, A1111's networks read them): a
+# conversion into one of these recomputes them; other layouts drop them (a stale hash is worse than none, and
+# hashing costs as much as copying the bytes again).
+_HASHED_LAYOUTS = frozenset({"kohya"})
 
 
 def _refresh_metadata(lora: LoraFile, layout: str, family: str | None) -> tuple[LoraFile, dict[str, str]]:
@@ -337,7 +355,7 @@ def _refresh_metadata(lora: LoraFile, layout: str, family: str | None) -> tuple[
         return lora, {}
     from lorafmt.metadata import HASH_KEYS, refresh_metadata
 
-    stale = {k: v for k, v in lora.metadata.items() if k in HASH_KEYS}
+    stale = {k: v for k, v in lora.metadata.items() if k in HASH_KEYS} if layout in _HASHED_LAYOUTS else {}
     fresh = refresh_metadata(lora.metadata, target_layout=layout, family=family or lora.family, modules=lora.modules)
     return lora.model_copy(update={"metadata": fresh}), stale
 

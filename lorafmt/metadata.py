@@ -53,6 +53,8 @@ __all__ = [
     "refresh_metadata",
     "recompute_hashes",
     "update_file_hashes",
+    "fresh_hashes",
+    "entry_hashes",
     "kohya_hashes",
     "weights_sha256",
     "architecture_id",
@@ -399,30 +401,12 @@ _DTYPE_RANK = {
 }
 
 
+def _nbytes(t: Any) -> int:
+    return t.size if hasattr(t, "size") else t.nbytes  # WriteEntry (bytes may be in memory) or TensorInfo
+
+
 def _canonical_order(tensors: Iterable[Any]) -> list[Any]:
     return sorted(tensors, key=lambda t: (-_DTYPE_RANK.get(t.dtype, -1), t.key))
-
-
-def _canonical_header_len(order: list[Any], ss_metadata: Mapping[str, str]) -> int:
-    obj: dict[str, Any] = {"__metadata__": dict(sorted(ss_metadata.items()))}
-    offset = 0
-    for t in order:
-        obj[t.key] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    n = len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-    return n + (-n % 8)
-
-
-def _read_range(fh, start: int, count: int) -> Iterable[bytes]:
-    fh.seek(start)
-    while count > 0:
-        chunk = fh.read(min(_CHUNK, count))
-        if not chunk:
-            from lorafmt.errors import TruncatedFileError
-
-            raise TruncatedFileError(f"file ended {count} bytes early", file=getattr(fh, "name", None))
-        count -= len(chunk)
-        yield chunk
 
 
 def kohya_hashes(path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> tuple[str, str]:
@@ -431,40 +415,87 @@ def kohya_hashes(path: str | os.PathLike, metadata: Mapping[str, str] | None = N
 
     `metadata` defaults to the file's own; only its ``ss_*`` keys matter.
     """
-    from lorafmt.io.safetensors_io import TensorInfo, read_header
+    from lorafmt.io.safetensors_io import WriteEntry, read_header
 
     header = read_header(path)
     meta = header.metadata if metadata is None else metadata
-    ss = {k: v for k, v in meta.items() if k.startswith("ss_")}
-    order: list[TensorInfo] = _canonical_order(header.tensors.values())
-    data_start = 8 + _canonical_header_len(order, ss)
+    entries = [
+        WriteEntry(i.key, i.dtype, i.shape, src_path=header.path, src_offset=i.start, nbytes=i.nbytes)
+        for i in header.tensors.values()
+    ]
+    return entry_hashes(entries, meta)
+
+
+def entry_hashes(entries: Iterable[Any], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(``sshs_model_hash``, ``sshs_legacy_hash``) of the file these write entries would make, before it is
+    written: a conversion stores fresh hashes in the one pass that writes its output.
+
+    Each entry is a :class:`lorafmt.io.safetensors_io.WriteEntry` (bytes in memory, or a range of a source file).
+    """
     import hashlib
 
+    ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    order = _canonical_order(entries)
+    head = _canonical_header_bytes(order, ss)
     model = hashlib.sha256()
     legacy = hashlib.sha256()
     lo, hi = _LEGACY_START, _LEGACY_START + _LEGACY_LEN
-    pos = data_start  # absolute position in the canonical serialisation
-    if lo < data_start:
-        # the legacy window starts inside the header: rebuild it (metadata order there is unspecified upstream)
-        head = _canonical_header_bytes(order, ss)
+    if lo < len(head):
+        # the legacy window starts inside the header (metadata order there is unspecified upstream)
         legacy.update(head[lo:hi])
-    with open(header.path, "rb") as fh:
-        for info in order:
-            for chunk in _read_range(fh, info.start, info.nbytes):
+    pos = len(head)  # absolute position in the canonical serialisation
+    buffer = memoryview(bytearray(_CHUNK))
+    sources: dict[str, Any] = {}
+    try:
+        for e in order:
+            if e.data is not None:
+                chunks: Iterable[memoryview] = [memoryview(e.data).cast("B")]
+            else:
+                fh = sources.get(e.src_path)
+                if fh is None:
+                    fh = sources[e.src_path] = open(e.src_path, "rb")  # noqa: SIM115 - closed below
+                chunks = _read_range(fh, e.src_offset, e.nbytes, buffer, e.key)
+            for chunk in chunks:
                 model.update(chunk)
                 a, b = max(lo, pos), min(hi, pos + len(chunk))
                 if a < b:
                     legacy.update(chunk[a - pos : b - pos])
                 pos += len(chunk)
+    finally:
+        for fh in sources.values():
+            fh.close()
     return model.hexdigest(), legacy.hexdigest()[:8]
+
+
+def fresh_hashes(entries: Iterable[Any], metadata: Mapping[str, str], stale: Mapping[str, str]) -> dict[str, str]:
+    """New values for the hash keys in `stale` (a source's hash entries) for the file that `entries` and
+    `metadata` will make; ``modelspec.hash_sha256`` keeps the stale value's ``0x`` spelling."""
+    model, legacy = entry_hashes(entries, metadata)
+    existing = stale.get("modelspec.hash_sha256")
+    prefix = "" if existing and not existing.lower().startswith("0x") else "0x"
+    values = {"sshs_model_hash": model, "sshs_legacy_hash": legacy, "modelspec.hash_sha256": prefix + model}
+    return {k: values[k] for k in stale if k in values}
+
+
+def _read_range(fh, start: int, count: int, buffer: memoryview, key: str) -> Iterable[memoryview]:
+    fh.seek(start)
+    while count > 0:
+        got = fh.readinto(buffer[: min(len(buffer), count)])
+        if not got:
+            from lorafmt.errors import TruncatedFileError
+
+            raise TruncatedFileError(f"file ended {count} bytes early", file=getattr(fh, "name", None), key=key)
+        count -= got
+        yield buffer[:got]
 
 
 def _canonical_header_bytes(order: list[Any], ss: Mapping[str, str]) -> bytes:
     obj: dict[str, Any] = {"__metadata__": dict(sorted(ss.items()))}
     offset = 0
     for t in order:
-        obj[t.key] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
+        size = _nbytes(t)
+        obj[t.key] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
     raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw

@@ -110,6 +110,9 @@ def test_kohya_hashes_match_sd_scripts_on_the_real_serialiser(tmp_path, big):
     lorafmt.write(lora, out, layout="kohya")
     assert kohya_hashes(out) == expected
     assert recompute_hashes(out)["modelspec.hash_sha256"] == "0x" + expected[0]
+    # the values stored by the write (computed from the planned bytes before writing) are those hashes too
+    stored = lorafmt.read(out).metadata
+    assert stored["sshs_model_hash"] == expected[0] and stored["modelspec.hash_sha256"] == "0x" + expected[0]
 
 
 def test_refresh_metadata_rewrites_only_stale_keys():
@@ -146,10 +149,29 @@ def test_conversion_carries_metadata_and_recomputes_hashes(tmp_path):
         lorafmt.convert(src, dst, to=to, dtype="fp32")
         meta = lorafmt.read(dst).metadata
         assert meta["modelspec.title"] == "Pixel Style" and meta["ss_tag_frequency"] == KOHYA_META["ss_tag_frequency"]
+        assert lorafmt.diff(src, dst).same
+        if to != "kohya":  # only kohya files carry the hashes (sd-scripts and A1111 use them); stale ones are dropped
+            assert not set(HASH_KEYS) & set(meta)
+            continue
         model, legacy = kohya_hashes(dst)
         assert meta["sshs_model_hash"] == model != src_meta["sshs_model_hash"]  # fp32 bytes: a new hash
         assert meta["sshs_legacy_hash"] == legacy and meta["modelspec.hash_sha256"] == "0x" + model
-        assert lorafmt.diff(src, dst).same
+
+
+def test_fresh_hashes_cost_no_second_write(tmp_path, monkeypatch):
+    """The hashes are computed from the planned bytes: the output is renamed into place once, never rewritten."""
+    import os
+
+    lora = make_lora("sd1", modules=3, rank=4, alpha=2.0, dtype="F16", metadata=KOHYA_META)
+    src = tmp_path / "src.safetensors"
+    lorafmt.write(lora, src, layout="kohya")
+    renames = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append(str(b)), real(a, b))[1])
+    lorafmt.convert(src, tmp_path / "out.safetensors", to="kohya")
+    assert renames == [str(tmp_path / "out.safetensors")]
+    meta = lorafmt.read(tmp_path / "out.safetensors").metadata
+    assert meta["sshs_model_hash"] == kohya_hashes(tmp_path / "out.safetensors")[0]
 
 
 def test_update_file_hashes_is_idempotent_and_keeps_tensors(tmp_path):
