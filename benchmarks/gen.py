@@ -223,9 +223,18 @@ def _write(path: str, entries: list[tuple[str, str, tuple[int, ...]]], metadata:
     return os.path.getsize(path)
 
 
+# Bumped whenever generated files change, so `run.py` regenerates cached inputs.
+GEN_VERSION = "2"  # 2: kohya files carry sd-scripts' sshs_model_hash / sshs_legacy_hash
+
+
 def make_kohya(path: str, family: str, rank: int, *, text_encoders: bool = True, dtype: str | None = None) -> int:
+    """A kohya LoRA as sd-scripts saves it, including the weights-only hashes it stores in the metadata."""
+    from lorafmt.metadata import update_file_hashes
+
     entries, meta = kohya_keys(family, rank, text_encoders=text_encoders, dtype=dtype)
-    return _write(path, entries, meta, alpha=float(rank // 2 or 1))
+    _write(path, entries, meta, alpha=float(rank // 2 or 1))
+    update_file_hashes(path, ["sshs_model_hash", "sshs_legacy_hash"])
+    return os.path.getsize(path)
 
 
 def make_unet_base(path: str, family: str) -> int:
