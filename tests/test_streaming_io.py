@@ -221,3 +221,15 @@ def test_read_write_of_a_real_layout_keeps_values(tmp_path):
     lorafmt.convert(src, tmp_path / "d.safetensors", to="diffusers")
     lorafmt.convert(tmp_path / "d.safetensors", tmp_path / "k2.safetensors", to="kohya")
     assert lorafmt.diff(str(src), str(tmp_path / "k2.safetensors")).same
+
+
+# ------------------------------------------------------------------------------------------- fast key parsing
+
+
+@given(st.lists(st.sampled_from(["lora_unet_", "lora_te_", "lora_te1_", "lora_te3_", "lora_te4_", "oft_unet_", "lora_",
+                                 "_", ".", "a", "1", "\n", "alpha", "lora_down.weight", "é"]), max_size=7).map("".join))
+def test_kohya_split_key_agrees_with_the_regex(key):
+    from lorafmt.layouts.kohya import _KEY_RE, split_key
+
+    m = _KEY_RE.match(key)
+    assert split_key(key) == (m.groups() if m else None)

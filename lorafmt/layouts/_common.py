@@ -95,6 +95,12 @@ def _module_params(params: frozenset[str]) -> tuple[str | None, dict[str, str]]:
     return algo.name, {p: inverse[p] for p in params if p in inverse}
 
 
+@lru_cache(maxsize=256)
+def _leftover_params(params: frozenset[str], roles: frozenset[str]) -> tuple[str, ...]:
+    """Parameters of a module that neither its algorithm nor the shared extras explain (kept as unplaced)."""
+    return tuple(sorted(params - roles - EXTRA_PARAMS_SET))
+
+
 def alpha_tensor(value: float, dtype: str | None, like: str | None = None) -> TensorRef:
     """An alpha scalar in `dtype`; without one, in the weights' dtype `like` when that holds it exactly
     (sd-scripts saves alpha in the save dtype), else float32. Encoded without numpy for float dtypes."""
@@ -189,12 +195,13 @@ def _assemble(groups, source, layout, unplaced, issues, evidence, read_alpha) ->
             dora_axis=dora_axis_of(dora, tensors["up"].shape if "up" in tensors else None) if dora is not None else None,
             extras=extras,
         )
-        leftovers = set(parts.params) - set(roles) - set(EXTRA_PARAMS)
-        for p in sorted(leftovers):
+        for p in _leftover_params(frozenset(parts.params), frozenset(roles)):
             unplaced[parts.params[p].key] = parts.params[p]
         problems = get_algorithm(algo_name).check(module)
-        empty = sorted(role for role, ref in tensors.items() if ref.numel == 0)
-        if empty and not problems:
+        empty = [] if problems or not any(0 in ref.shape for ref in tensors.values()) else sorted(
+            role for role, ref in tensors.items() if ref.numel == 0
+        )
+        if empty:
             problems = [f"empty {'/'.join(empty)} tensor(s): shapes {[list(tensors[r].shape) for r in empty]}"]
         if problems:
             for prob in problems:

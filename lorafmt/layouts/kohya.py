@@ -42,6 +42,25 @@ from lorafmt.schema import LoraFile, TensorRef
 __all__ = ["LAYOUT", "KohyaLayout"]
 
 _KEY_RE = re.compile(r"^(lora_unet|lora_te[123]?|oft_unet)_([^.]+)\.(.+)$")
+_KEY_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "oft_unet_")
+
+
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """(prefix, flattened module body, parameter) of a kohya key, as ``_KEY_RE`` parses it; None otherwise.
+
+    String methods instead of the regex: it runs once per tensor of every file read (a test checks both agree).
+    """
+    if "\n" in key:  # the regex's `$` also matches before a final newline: leave such keys to it
+        m = _KEY_RE.match(key)
+        return m.groups() if m else None
+    raw, dot, param = key.partition(".")
+    if not param:
+        return None
+    for prefix in _KEY_PREFIXES:
+        if raw.startswith(prefix):
+            body = raw[len(prefix) :]
+            return (prefix[:-1], body, param) if body else None
+    return None
 _PREFIX_TO_COMPONENT = {
     "lora_unet": "unet",
     "oft_unet": "unet",  # kohya sd-scripts networks.oft (read; written back with lora_unet_, as LyCORIS does)
@@ -88,10 +107,10 @@ class KohyaLayout(Layout):
         claimed = 0
         prefixes: set[str] = set()
         for key in source.tensors:
-            m = _KEY_RE.match(key)
-            if m and m.group(3) in known:
+            parts = split_key(key)
+            if parts and parts[2] in known:
                 claimed += 1
-                prefixes.add(m.group(1))
+                prefixes.add(parts[0])
         if not claimed:
             return None
         total = len(source.tensors)
@@ -109,21 +128,21 @@ class KohyaLayout(Layout):
         tfamily = self._transformer_family(source, family)
         sgm_family = family or self._sgm_family(source)
         for key, ref in source.tensors.items():
-            m = _KEY_RE.match(key)
-            if not m:
+            parts = split_key(key)
+            if parts is None:
                 unplaced[key] = ref
                 continue
-            prefix, body, param = m.groups()
-            raw_name = f"{prefix}_{body}"
-            parts = groups.get(raw_name)
-            if parts is None:
+            prefix, body, param = parts
+            raw_name = key[: len(prefix) + 1 + len(body)]
+            group = groups.get(raw_name)
+            if group is None:
                 path = self._transformer_path(prefix, body, tfamily) if tfamily else self._canonical_path(prefix, body, sgm_family)
                 if path is None:
                     unplaced[key] = ref
                     issues.append(issue("R006", f"cannot place module {raw_name!r}", key=key, severity="warning"))
                     continue
-                parts = groups[raw_name] = ModuleParts(path, raw_name)
-            parts.add(param, ref)
+                group = groups[raw_name] = ModuleParts(path, raw_name)
+            group.params[param] = ref
         lora = assemble(groups, source, layout=self.name, unplaced=unplaced, issues=issues, evidence=[])
         if tfamily:
             names = names_for(tfamily)
