@@ -72,12 +72,11 @@ class Source(Record):
 
 
 def _file_source(path: str) -> Source:
-    header = read_header(path)
-    tensors = {
-        key: TensorRef(key=key, dtype=info.dtype, shape=info.shape, file=path, offset=info.start)
-        for key, info in header.tensors.items()
-    }
-    return Source(path=path, kind="file", tensors=tensors, metadata=dict(header.metadata))
+    def lazy_tensor(key: str, dtype: str, shape: tuple[int, ...], start: int, end: int) -> TensorRef:
+        return TensorRef(key=key, dtype=dtype, shape=shape, file=path, offset=start)
+
+    header = read_header(path, make=lazy_tensor)
+    return Source(path=path, kind="file", tensors=header.tensors, metadata=dict(header.metadata))
 
 
 def _dir_source(path: str) -> Source:

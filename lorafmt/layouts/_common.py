@@ -96,9 +96,11 @@ def _module_params(params: frozenset[str]) -> tuple[str | None, dict[str, str]]:
 
 
 @lru_cache(maxsize=256)
-def _leftover_params(params: frozenset[str], roles: frozenset[str]) -> tuple[str, ...]:
-    """Parameters of a module that neither its algorithm nor the shared extras explain (kept as unplaced)."""
-    return tuple(sorted(params - roles - EXTRA_PARAMS_SET))
+def _module_plan(params: frozenset[str]) -> tuple[str | None, dict[str, str], tuple[str, ...]]:
+    """(algorithm, param -> role, leftover params) for a set of parameter names; leftovers are parameters that
+    neither the algorithm nor the shared extras explain (kept as unplaced)."""
+    algo_name, roles = _module_params(params)
+    return algo_name, roles, tuple(sorted(params - set(roles) - EXTRA_PARAMS_SET))
 
 
 def alpha_tensor(value: float, dtype: str | None, like: str | None = None) -> TensorRef:
@@ -159,7 +161,7 @@ def _assemble(groups, source, layout, unplaced, issues, evidence, read_alpha) ->
     modules: dict[str, Module] = {}
     seen_raw: dict[str, str] = {}
     for parts in groups.values():
-        algo_name, roles = module_params(parts.params)
+        algo_name, roles, leftovers = _module_plan(frozenset(parts.params))
         if algo_name is None:
             for param, ref in parts.params.items():
                 unplaced[ref.key] = ref
@@ -195,7 +197,7 @@ def _assemble(groups, source, layout, unplaced, issues, evidence, read_alpha) ->
             dora_axis=dora_axis_of(dora, tensors["up"].shape if "up" in tensors else None) if dora is not None else None,
             extras=extras,
         )
-        for p in _leftover_params(frozenset(parts.params), frozenset(roles)):
+        for p in leftovers:
             unplaced[parts.params[p].key] = parts.params[p]
         problems = get_algorithm(algo_name).check(module)
         empty = [] if problems or not any(0 in ref.shape for ref in tensors.values()) else sorted(

@@ -45,6 +45,15 @@ _KEY_RE = re.compile(r"^(lora_unet|lora_te[123]?|oft_unet)_([^.]+)\.(.+)$")
 _KEY_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "oft_unet_")
 
 
+def _split_keys(source: Source) -> dict[str, tuple[str, str, str] | None]:
+    """split_key of every key of `source`, computed once: detection and reading both walk them."""
+    split = getattr(source, "_kohya_split", None)
+    if split is None:
+        split = {key: split_key(key) for key in source.tensors}
+        source._kohya_split = split  # a cache beside the source's fields, not one of them
+    return split
+
+
 def split_key(key: str) -> tuple[str, str, str] | None:
     """(prefix, flattened module body, parameter) of a kohya key, as ``_KEY_RE`` parses it; None otherwise.
 
@@ -106,8 +115,7 @@ class KohyaLayout(Layout):
         known = KNOWN_PARAMS()
         claimed = 0
         prefixes: set[str] = set()
-        for key in source.tensors:
-            parts = split_key(key)
+        for parts in _split_keys(source).values():
             if parts and parts[2] in known:
                 claimed += 1
                 prefixes.add(parts[0])
@@ -127,8 +135,9 @@ class KohyaLayout(Layout):
         issues: list = []
         tfamily = self._transformer_family(source, family)
         sgm_family = family or self._sgm_family(source)
+        split = _split_keys(source)
         for key, ref in source.tensors.items():
-            parts = split_key(key)
+            parts = split[key]
             if parts is None:
                 unplaced[key] = ref
                 continue
