@@ -281,7 +281,8 @@ def table(jobs: list[Job]) -> list[str]:
         if lf is None:
             rows.append(f"| {j.name} | {j.src.name} | | {j.note or 'pending'} | | | | | | | |")
             continue
-        ratio_cp = f"**{lf.time / cp.time:.1f}×**" if cp else "—"
+        ratio = f"{lf.time / cp.time:.1f}×" if cp else "—"
+        ratio_cp = f"**{ratio}**" if cp and j.name.startswith("convert") else ratio  # the budgeted ratio
         ratio_d = f"**{dif.time / lf.time:.0f}×** ({dif.cpu_time / lf.cpu_time:.0f}×)" if dif else "—"
         cp_cell = (fmt_t(cp.time) + (" (+sync)" if j.fsync else "")) if cp else "—"
         rows.append(

@@ -23,7 +23,7 @@ from lorafmt.errors import (
 )
 from lorafmt.io.atomic import atomic_directory, atomic_output
 from lorafmt.io.safetensors_io import WriteEntry, write_safetensors
-from lorafmt.io.source import Source, open_source
+from lorafmt.io.source import open_source
 from lorafmt.layouts import get_layout
 from lorafmt.layouts._base import WriteOptions, WritePlan
 from lorafmt._record import Factory

@@ -22,7 +22,7 @@ from lorafmt.dtypes import DTYPE_SIZES, FLOAT_DTYPES, from_float32, numpy_dtype,
 
 TYPE_CHECKING = False  # `typing` costs milliseconds to import: annotations are strings, resolved only by pydantic
 if TYPE_CHECKING:
-    from typing import Any, ClassVar, Literal
+    from typing import Any, Literal
 
     import numpy as np  # imported on first use: header-only commands never load it
 

@@ -168,7 +168,7 @@ def make_check(lora: LoraFile, *, layout: str, family: str | None, report: Conve
 
     def check(tmp: Path) -> None:
         skip = {n.module for n in report.notes if n.module}
-        result = verify_output(lora, tmp, layout=layout, family=family, skip=skip)
+        verify_output(lora, tmp, layout=layout, family=family, skip=skip)
         report.verified = True
 
     return check

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 
 from _fuse_support import CLIP_TINY, SD15_TINY, clip_lora_targets, lora_targets, make_kohya_lora, numpy_delta

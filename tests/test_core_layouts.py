@@ -77,7 +77,7 @@ def test_sd1_kohya_names_and_alpha_tensor(tmp_path):
     sd = load_file(dst)
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     assert sd[f"{key}.alpha"].shape == () and float(sd[f"{key}.alpha"]) == 2.0
-    assert f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha" not in sd  # alpha None stays absent
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha" not in sd  # alpha None stays absent
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in sd
 
 

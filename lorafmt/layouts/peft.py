@@ -39,9 +39,6 @@ from lorafmt.naming.shapes import linear_factor
 from lorafmt.naming.peft_config import config_alpha, config_for_modules, pattern_value
 from lorafmt.schema import LoraFile, Module, TensorRef
 
-TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs milliseconds on every command
-if TYPE_CHECKING:
-    import numpy as np
 
 __all__ = ["LAYOUT", "PeftLayout"]
 
