@@ -50,7 +50,7 @@ from pydantic import BaseModel, Field
 from lorafmt.dtypes import FLOAT_DTYPES, from_float32, numpy_dtype, to_float32
 from lorafmt.errors import FuseError, MissingExtraError, SourceError, UnsupportedFeatureError
 from lorafmt.io.atomic import atomic_directory, atomic_output, open_output
-from lorafmt.io.safetensors_io import Header, TensorInfo, WriteEntry, build_header, read_header, write_entries
+from lorafmt.io.safetensors_io import Header, TensorInfo, WriteEntry, build_header, read_header, reserve_space, write_entries
 from lorafmt.naming.checkpoint import CheckpointTarget, checkpoint_family, checkpoint_target
 from lorafmt.schema import COMPONENTS, Diagnostic, LoraFile, Module, pydantic_ready
 
@@ -466,6 +466,7 @@ class _Fuser:
         ]
         head = build_header(sizing, header.metadata)
         with open_output(dst) as fh:
+            reserve_space(fh.fileno(), len(head) + sum(e.size for e in sizing))
             fh.write(head)
             write_entries(fh, self._entries(plan, infos))  # atomic_output/atomic_directory flush it if needed
 

@@ -284,3 +284,34 @@ def test_full_disk(tmp_path):
         assert len(proc.stderr.splitlines()) == 1
         assert out.read_bytes() == b"precious"
         assert listing(disk) == ["out.safetensors"]
+
+
+def test_full_disk_is_found_by_the_space_reservation(tmp_path):
+    """Outputs over 1 MiB reserve their size first (fallocate on tmpfs/ext4/xfs/btrfs): a disk too small fails
+    before any tensor byte is written, with the same one-line error, and leaves nothing behind."""
+    from lorafmt.io.safetensors_io import _filesystem_type
+
+    big = make_kohya(tmp_path / "big.safetensors", n_in=16384, rank=16)  # ~3 MB
+    with tiny_disk(tmp_path / "disk", size="1m") as disk:
+        fd = os.open(disk, os.O_RDONLY)
+        try:
+            assert _filesystem_type(fd) == "tmpfs"
+        finally:
+            os.close(fd)
+        with pytest.raises(E.OutputWriteError, match="No space left on device"):
+            lorafmt.convert(big, disk / "out.safetensors", to="diffusers")
+        assert listing(disk) == []
+
+
+def test_reserved_outputs_have_exactly_their_bytes(tmp_path):
+    """The reservation covers the final size exactly: no trailing zeros, every tensor where the header says."""
+    from safetensors.numpy import load_file
+
+    big = make_kohya(tmp_path / "big.safetensors", n_in=16384, rank=16)
+    out = tmp_path / "out.safetensors"
+    lorafmt.convert(big, out, to="diffusers")
+    header = sio.read_header(out)
+    end = max(t.end for t in header.tensors.values())
+    assert out.stat().st_size == end > 1 << 20
+    assert lorafmt.diff(big, out).same
+    assert len(load_file(str(out))) == len(header.tensors)
