@@ -73,6 +73,9 @@ MAX_ATTEMPTS = 3
 FAILED_STATUSES = frozenset({"error", "invalid", "unavailable"})
 
 _PEFT_COMPONENT_DIRS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+# Pickle/zip torch checkpoints a folder walk picks up too: each is refused per file (PickleFileError, with the hint
+# to pass --allow-pickle) unless the batch allows pickles, so a folder of legacy LoRAs is reported, not ignored.
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 HUB_PREFIX = "hf://"
 
 
@@ -109,12 +112,15 @@ def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
                 yield entry
             else:
                 yield from _walk(entry, exclude)
-        elif entry.suffix == ".safetensors" and entry.is_file():
+        elif entry.suffix in (".safetensors", *_PICKLE_SUFFIXES) and entry.is_file():
             yield entry
 
 
 def collect_inputs(inputs: Iterable[str | os.PathLike], *, exclude: str | os.PathLike | None = None) -> list[InputItem]:
     """Expand files, folders (recursively; a PEFT folder is one input) and ``@list.txt`` files into inputs.
+
+    A folder contributes its ``.safetensors`` files and its pickle checkpoints (``.ckpt``, ``.pt``, ``.pth``,
+    ``.bin``; a task refuses those unless the batch runs with ``allow_pickle``).
 
     A list file holds one path or ``hf://`` URL per line (blank lines and ``#`` comments ignored); relative
     paths in it are relative to the list file's folder. Duplicates are dropped (first one wins). `exclude` is a
@@ -185,12 +191,15 @@ class Task:
     dtype: str | None = None
     allow_lossy: bool = False
     check_values: bool = False
+    #: Load pickle checkpoints with torch.load(weights_only=True). Carried by the task itself because the
+    #: CLI's process-local switch (:func:`lorafmt.io.source.pickle_loading`) does not reach worker processes.
+    allow_pickle: bool = False
 
 
 def _output_name(rel: str, to: str) -> str:
     from lorafmt.layouts import get_layout
 
-    stem = rel[: -len(".safetensors")] if rel.endswith(".safetensors") else rel
+    stem = next((rel[: -len(ext)] for ext in (".safetensors", *_PICKLE_SUFFIXES) if rel.endswith(ext)), rel)
     return stem if get_layout(to).capabilities.directory else stem + ".safetensors"
 
 
@@ -204,6 +213,7 @@ def plan_tasks(
     dtype: str | None = None,
     allow_lossy: bool = False,
     check_values: bool = False,
+    allow_pickle: bool = False,
 ) -> list[Task]:
     """One :class:`Task` per input; for ``convert``, the output path mirrors the input's place below its folder."""
     if op not in OPS:
@@ -225,7 +235,7 @@ def plan_tasks(
             outputs[item.path] = str(Path(out_dir) / name)
     return [
         Task(op=op, path=i.path, family=family, to=to, output=outputs.get(i.path), dtype=dtype,
-             allow_lossy=allow_lossy, check_values=check_values)  # fmt: skip
+             allow_lossy=allow_lossy, check_values=check_values, allow_pickle=allow_pickle)  # fmt: skip
         for i in items
     ]
 
@@ -287,7 +297,7 @@ def run_task(task: Task) -> dict[str, Any]:
         if task.op == "inspect":
             from lorafmt.api import inspect
 
-            info = inspect(task.path, family=task.family)
+            info = inspect(task.path, family=task.family, allow_pickle=task.allow_pickle)
             rec.update(layout=info["layout"], family=info["family"], findings=info["issues"])
             rec["summary"] = {k: info[k] for k in ("algorithms", "components", "modules", "ranks", "alphas", "dtypes", "dora")}
         elif task.op == "validate":
@@ -295,7 +305,11 @@ def run_task(task: Task) -> dict[str, Any]:
             if validate is None:
                 rec.update(status="unavailable", error="validation is not available in this installation of lorafmt")
             else:
-                report = validate(task.path, family=task.family, check_values=task.check_values)
+                from lorafmt.io.source import pickle_loading
+
+                # validate() has no allow_pickle of its own: the task's setting applies to this call only.
+                with pickle_loading(task.allow_pickle):
+                    report = validate(task.path, family=task.family, check_values=task.check_values)
                 rec.update(layout=report.layout, family=report.family, findings=_findings_of(report.findings))
                 rec["status"] = "ok" if report.valid else "invalid"
         elif task.op == "convert":
@@ -306,13 +320,15 @@ def run_task(task: Task) -> dict[str, Any]:
             Path(task.output).parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(Path(task.output))
             report = convert(task.path, task.output, to=task.to, family=task.family, dtype=task.dtype,
-                             allow_lossy=task.allow_lossy, force=True)  # fmt: skip
+                             allow_lossy=task.allow_lossy, allow_pickle=task.allow_pickle, force=True)  # fmt: skip
             rec.update(layout=report.source_layout, family=report.family, findings=_findings_of(report.notes))
             rec["to"] = report.target_layout
         else:
             raise SourceError(f"unknown batch operation {task.op!r}")
     except LorafmtError as exc:
         rec.update(status="error", error=str(exc), error_type=type(exc).__name__)
+        if exc.hint:  # e.g. a refused pickle: "pass --allow-pickle ..."
+            rec["hint"] = exc.hint
     except (OSError, ValueError, MemoryError) as exc:
         rec.update(status="error", error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop a batch; the report says what broke
@@ -583,6 +599,7 @@ def run_batch(
     dtype: str | None = None,
     allow_lossy: bool = False,
     check_values: bool = False,
+    allow_pickle: bool = False,
     retry_failed: bool = False,
     task_fn: TaskFn = run_task,
     chunk_size: int | None = None,
@@ -592,7 +609,9 @@ def run_batch(
     """Run `op` over every input, append one line per file to `report`, and return the summary.
 
     Files already in `report` for the same `op` are skipped (resume); with `retry_failed`, only the ones that
-    succeeded are. `task_fn` replaces the per-file work (it gets a :class:`Task`, returns a report line).
+    succeeded are. `allow_pickle` lets each task load pickle checkpoints (``.ckpt``/``.pt``/``.pth``/``.bin``) through
+    ``torch.load(weights_only=True)``; without it they are refused, one ``PickleFileError`` report line each.
+    `task_fn` replaces the per-file work (it gets a :class:`Task`, returns a report line).
     `on_start` is called with the number of files to run (after skipping), `on_record` with each report line as
     it is written; both run in the calling process (the CLI's progress bar uses them).
 
@@ -604,7 +623,7 @@ def run_batch(
     workers = workers or os.cpu_count() or 1
     items = collect_inputs(inputs, exclude=out_dir if op == "convert" else None)
     tasks = plan_tasks(op, items, family=family, to=to, out_dir=out_dir, dtype=dtype,
-                       allow_lossy=allow_lossy, check_values=check_values)  # fmt: skip
+                       allow_lossy=allow_lossy, check_values=check_values, allow_pickle=allow_pickle)  # fmt: skip
     summary = BatchSummary(op=op, executor=executor, workers=workers, total=len(tasks), report=str(report) if report else None)
     done: set[str] = set()
     if report is not None:

@@ -335,8 +335,8 @@ def build_parser(argv: Sequence[str] | None = None, *, only_requested: bool = Fa
 def _add_allow_pickle(sub) -> None:
     """Every command that reads files accepts --allow-pickle (loads .ckpt/.pt/.bin via torch weights_only only)."""
     for name, p in sub.choices.items():
-        # batch runs files in worker processes, which this process-local switch does not reach: not offered there
-        # until batch passes allow_pickle to its workers itself.
+        # batch declares its own --allow-pickle: its files run in worker processes, which this process-local
+        # switch does not reach, so it passes the setting to each worker's task instead.
         if name in ("layouts", "batch") or any("--allow-pickle" in a.option_strings for a in p._actions):
             continue
         p.add_argument(

@@ -38,6 +38,12 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="convert: cast float tensors on write")
     p.add_argument("--allow-lossy", action="store_true", help="convert: drop what the target cannot express (reported)")
     p.add_argument("--check-values", action="store_true", help="validate: also scan tensor values")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load pickle/zip checkpoints (.ckpt/.pt/.pth/.bin) with torch.load(weights_only=True) in every worker; "
+        "refused per file otherwise",
+    )
     p.add_argument("--retry-failed", action="store_true", help="re-run files the report lists as failed")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -72,6 +78,7 @@ def _run_batch(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
                 allow_lossy=args.allow_lossy,
                 check_values=args.check_values,
+                allow_pickle=args.allow_pickle,
                 retry_failed=args.retry_failed,
                 on_start=bar.start if bar else None,
                 on_record=bar.update if bar else None,

@@ -179,6 +179,56 @@ def test_a_killed_dask_worker_loses_and_duplicates_nothing(tmp_path, collection,
     assert lorafmt.diff(victim["path"], victim["output"]).same
 
 
+# ------------------------------------------------------------------------------------------- pickles
+
+
+@pytest.fixture(scope="module")
+def with_pickle(tmp_path_factory) -> Path:
+    """A folder with one kohya .safetensors LoRA and the same LoRA saved with torch.save as a .pt."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from lorafmt.testing import make_lora
+
+    root = tmp_path_factory.mktemp("with_pickle")
+    lorafmt.write(make_lora("sd1", modules=3, rank=2, alpha=1.0, seed=7), root / "a.safetensors", layout="kohya")
+    torch.save(load_file(root / "a.safetensors"), root / "b.pt")
+    return root
+
+
+@pytest.mark.parametrize("executor", ["local", "dask"])
+def test_batch_refuses_pickles_per_file_unless_allowed(tmp_path, with_pickle, executor, request):
+    kw = {"workers": 2}
+    if executor == "dask":
+        kw.update(executor="dask", scheduler=request.getfixturevalue("dask_cluster").scheduler_address)
+    pt = str(with_pickle / "b.pt")
+    for op in ("inspect", "validate", "convert"):
+        opts = {"to": "diffusers", "out_dir": tmp_path / f"{op}-out"} if op == "convert" else {"family": "sd1"}
+        refused = run_batch(op, [with_pickle], report=tmp_path / f"{op}-refused.jsonl", **opts, **kw)
+        assert refused.total == 2 and refused.failed == [pt], op
+        rec = _by_path(read_report(tmp_path / f"{op}-refused.jsonl"))[pt]
+        assert issubclass(getattr(lorafmt.errors, rec["error_type"]), lorafmt.errors.PickleFileError)
+        assert "--allow-pickle" in rec["hint"]
+        if op == "validate" and not _validate_available():
+            continue
+        allowed = run_batch(op, [with_pickle], report=tmp_path / f"{op}-allowed.jsonl", allow_pickle=True, **opts, **kw)
+        assert allowed.failed == [] and allowed.processed == 2, op
+        rec = _by_path(read_report(tmp_path / f"{op}-allowed.jsonl"))[pt]
+        assert rec["layout"] == "kohya" and rec["family"] == "sd1"
+        if op == "convert":
+            assert rec["output"] == str(tmp_path / "convert-out" / "b.safetensors")
+            assert lorafmt.diff(pt, rec["output"], allow_pickle=True).same
+
+
+def test_cli_batch_allow_pickle(tmp_path, with_pickle, capsys):
+    report = tmp_path / "r.jsonl"
+    argv = ["batch", "inspect", str(with_pickle), "--report", str(report), "--workers", "1", "-q"]
+    assert main(argv) == 1
+    assert "b.pt" in capsys.readouterr().out
+    assert main([*argv, "--allow-pickle", "--retry-failed"]) == 0
+    assert {r["path"]: r["status"] for r in read_report(report)}[str(with_pickle / "b.pt")] == "ok"
+
+
 # ------------------------------------------------------------------------------------------- CLI
 
 
