@@ -321,6 +321,7 @@ def write(
     """
     lay = get_layout(layout)
     dtype = _norm_dtype(dtype)
+    lay.check_family(lora, family or lora.family)
     lora, notes = _check_expressible(lora, lay.name, allow_lossy, approx_rank=approx_rank, dtype=dtype)
     lora, stale_hashes = _refresh_metadata(lora, lay.name, family)
     plan = lay.plan(lora, WriteOptions(family=family, allow_lossy=allow_lossy))

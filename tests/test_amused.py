@@ -413,3 +413,27 @@ def test_layouts_without_amused_refuse_rather_than_misspell(small, tmp_path):
         with pytest.raises(LorafmtError):
             lorafmt.convert(small["path"], dst, to=lay.name)
         assert not dst.exists(), lay.name
+
+
+@pytest.mark.parametrize("layout", ["kohya", "comfyui"])
+def test_kohya_and_comfyui_refusals_point_to_diffusers_not_to_family(small, tmp_path, layout):
+    """aMUSEd's family is known, so "pass --family flux1 or sd3" would be wrong: the hint names the layouts that
+    spell UVit2DModel modules."""
+    from lorafmt.errors import UnsupportedFeatureError
+
+    with pytest.raises(UnsupportedFeatureError) as info:
+        lorafmt.convert(small["path"], tmp_path / "out.safetensors", to=layout)
+    assert "'amused'" in info.value.message
+    assert info.value.hint == "write it as diffusers or peft"
+
+
+def test_kohya_without_a_family_names_the_transformer_families(small, tmp_path):
+    """Transformer modules of no known family: --family flux1/sd3 is the fix, and aMUSEd is named as not kohya."""
+    from lorafmt.errors import UnsupportedFeatureError
+    from lorafmt.layouts import get_layout
+    from lorafmt.layouts._base import WriteOptions
+
+    lora = lorafmt.read(small["path"]).model_copy(update={"family": None})
+    with pytest.raises(UnsupportedFeatureError) as info:
+        get_layout("kohya").plan(lora, WriteOptions())
+    assert "--family flux1 or --family sd3" in info.value.hint and "aMUSEd" in info.value.hint

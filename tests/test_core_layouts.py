@@ -197,6 +197,24 @@ def test_lossy_write_refused_then_reported(tmp_path):
     assert [n.module for n in report.notes] == [path]
 
 
+@pytest.mark.parametrize("allow_lossy", [False, True])
+def test_comfyui_refuses_sd_family_and_points_to_kohya(tmp_path, family, allow_lossy, capsys):
+    """ComfyUI loads SD1/SD2/SDXL LoRAs in the kohya spelling; its Flux/SD3 layout says so instead of offering to
+    drop every U-Net module (or, with --allow-lossy, to pass --family flux1/sd3)."""
+    from lorafmt.cli import main
+    from lorafmt.errors import UnsupportedFeatureError
+
+    src = _write(sample_lora(family), tmp_path, "diffusers")
+    dst = tmp_path / "comfy.safetensors"
+    with pytest.raises(UnsupportedFeatureError) as info:
+        lorafmt.convert(src, dst, to="comfyui", allow_lossy=allow_lossy)
+    assert "--to kohya" in info.value.hint and info.value.file == str(src)
+    argv = ["convert", str(src), "--to", "comfyui", "-o", str(dst), *(["--allow-lossy"] if allow_lossy else [])]
+    assert main(argv) == 2
+    assert "hint: ComfyUI loads SD1/SD2/SDXL LoRAs as kohya: use --to kohya" in capsys.readouterr().err
+    assert not dst.exists()
+
+
 def test_convert_onto_own_path(tmp_path):
     src = _write(sample_lora("sdxl"), tmp_path, "kohya")
     before = lorafmt.read(src)

@@ -72,6 +72,13 @@ class Layout:
     def read(self, source: Source, *, family: str | None = None) -> LoraFile:
         raise NotImplementedError
 
+    def check_family(self, lora: LoraFile, family: str | None) -> None:
+        """Refuse, before any per-module check, a LoRA of a `family` this layout cannot hold at all.
+
+        Raises :class:`~lorafmt.errors.UnsupportedFeatureError` whose hint names the layout to use instead; the
+        default accepts every family (per-module refusals come from the capabilities and :meth:`plan`).
+        """
+
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         from lorafmt.errors import UnsupportedFeatureError
 

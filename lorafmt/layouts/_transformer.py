@@ -60,7 +60,9 @@ def plan_native(lora: LoraFile, family: str | None, *, allow_lossy: bool, layout
     names = names_for(family)
     if names is None:
         msg = f"the {layout} layout writes Flux.1/SD3 transformers; family is {family!r}"
-        raise UnsupportedFeatureError(msg, hint="pass --family flux1 or --family sd3")
+        # only an unknown family can be fixed with --family; aMUSEd's UVit2DModel has no native spelling here
+        hint = "pass --family flux1 or --family sd3" if family is None else "write it as diffusers or peft"
+        raise UnsupportedFeatureError(msg, hint=hint)
     native, notes, failed = canonical_to_native(lora.modules, names)
     if failed:
         if not allow_lossy:

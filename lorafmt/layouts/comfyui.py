@@ -164,6 +164,17 @@ class ComfyUILayout(Layout):
         lora.provenance.evidence = fam_evidence if fam else [*fam_evidence, f"{tfamily} native names"]
         return lora
 
+    def check_family(self, lora: LoraFile, family: str | None) -> None:
+        """Refuse U-Net (SD1/SD2/SDXL) and aMUSEd LoRAs up front: this spelling is Flux.1/SD3 only."""
+        file = lora.provenance.source if lora.provenance else None
+        if family in ("sd1", "sd2", "sdxl") or "unet" in lora.components:
+            msg = f"the comfyui layout writes Flux.1/SD3 LoRAs, not U-Net (SD1/SD2/SDXL) ones; family is {family!r}"
+            # ComfyUI's own loader reads SD-family LoRAs in the kohya spelling (comfy/lora.py, lora_unet_*)
+            raise UnsupportedFeatureError(msg, file=file, hint="ComfyUI loads SD1/SD2/SDXL LoRAs as kohya: use --to kohya")
+        if family is not None and family not in self.capabilities.families:
+            msg = f"the comfyui layout writes Flux.1/SD3 LoRAs; family is {family!r}"
+            raise UnsupportedFeatureError(msg, file=file, hint="write it as diffusers or peft")
+
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         family = options.family or lora.family
         native, notes = plan_native(lora, family, allow_lossy=options.allow_lossy, layout=self.name)

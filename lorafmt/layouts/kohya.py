@@ -279,9 +279,13 @@ class KohyaLayout(Layout):
         """sd-scripts ``lora_flux`` / ``lora_sd3`` spelling: native transformer names, fused projections joined."""
         from lorafmt.errors import LossyConversionError, UnsupportedFeatureError
 
+        if family is None:
+            msg = "cannot write transformer modules as kohya without knowing the family (flux1 or sd3)"
+            hint = "pass --family flux1 or --family sd3 (aMUSEd transformers have no kohya spelling: use diffusers or peft)"
+            raise UnsupportedFeatureError(msg, file=lora.provenance.source if lora.provenance else None, hint=hint)
         if family not in _TRANSFORMER_BODIES:
-            msg = f"cannot write transformer modules as kohya without knowing the family (flux1 or sd3); found {family!r}"
-            raise UnsupportedFeatureError(msg, hint="pass --family flux1 or --family sd3")
+            msg = f"the kohya layout spells Flux.1 and SD3 transformers only; family is {family!r}"
+            raise UnsupportedFeatureError(msg, file=lora.provenance.source if lora.provenance else None, hint="write it as diffusers or peft")
         names = names_for(family)
         sets = {p: ([p], "a `set` (replacement) tensor is not expressible in kohya") for p, m in lora.modules.items() if m.mode == "set"}
         native, notes, failed = canonical_to_native({p: m for p, m in lora.modules.items() if p not in sets}, names)
