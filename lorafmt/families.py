@@ -7,6 +7,14 @@ aMUSEd (``UVit2DModel``) is told apart by structure alone: its transformer's mod
 (``transformer_layers.N``, ``down_block``/``up_block``, ``mlm_layer``, ``embed``, ``cond_embed``,
 ``encoder_proj``, ``project_to_hidden``/``project_from_hidden``) shares no root with the MMDiT/Flux transformers
 (``transformer_blocks.N`` …), whose ``attn2`` it would otherwise resemble.
+
+A text-encoder-only file (``text_encoder.*`` and nothing else) carries little evidence: aMUSEd's text encoder is
+the same CLIP ViT-L/14 text tower as SD1's (768 wide, 12 layers, every shape equal), and SDXL, SD3 and Flux.1 use it
+as their first text encoder. Only aMUSEd's ``text_projection`` (it is a ``CLIPTextModelWithProjection``; SD1's is a
+``CLIPTextModel``) tells it apart, so a file with a ``text_encoder.text_projection`` module is aMUSEd (SD3, whose
+first encoder has one too, would not come with its other two encoders missing). Without it, the file is taken as
+SD1, the overwhelmingly common case for kohya and diffusers text-encoder LoRAs, and the evidence says that aMUSEd
+(and the first text encoder of the others) fits equally: ``--family`` decides.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ __all__ = ["AMUSED_ROOTS", "detect_family", "family_from_metadata", "transformer
 
 CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TE_WIDTH = {768: "sd1", 1024: "sd2"}
+# CLIP ViT-L/14's width: SD1's text encoder, and layer for layer aMUSEd's (which adds only a text_projection).
+_CLIP_L_WIDTH = 768
 
 
 def family_from_metadata(metadata: dict[str, str]) -> str | None:
@@ -186,10 +196,17 @@ def detect_family(lora: LoraFile) -> tuple[str | None, list[str]]:
                 shape = target_shape_of(module)
                 if shape:
                     widths[shape[1]] += 1
-        if widths:
-            w = widths.most_common(1)[0][0]
-            if w in _TE_WIDTH:
-                vote(_TE_WIDTH[w], 5, f"text encoder width {w}")
+        w = widths.most_common(1)[0][0] if widths else None
+        projection = "text_encoder.text_projection" in paths
+        if projection and w in (None, _CLIP_L_WIDTH):
+            vote("amused", 5, "text_encoder.text_projection: a CLIP-L CLIPTextModelWithProjection, which SD1's is not")
+        elif w in _TE_WIDTH:
+            vote(_TE_WIDTH[w], 5, f"text encoder width {w}")
+            if w == _CLIP_L_WIDTH and comps == {"text_encoder"}:
+                evidence.append(
+                    "text-encoder-only CLIP-L file: its modules fit sd1 and amused alike (the same text tower; also the "
+                    "first text encoder of sdxl, sd3 and flux1); sd1 assumed, --family decides"
+                )
 
     claimed = family_from_metadata(lora.metadata)
     if claimed:

@@ -222,6 +222,41 @@ def test_real_size_variants(real_size):
     assert not any(e.startswith("variant:") for e in lorafmt.detect(real_size["amused-256"]).family_evidence)
 
 
+def _text_encoder_only_lora(path: Path, targets: list[str]) -> Path:
+    """A LoRA on aMUSEd's real-size text encoder only (CLIPTextModelWithProjection on the meta device)."""
+    with torch.device("meta"):
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**_generator().AMUSED_CLIP_L))
+    state = get_peft_model_state_dict(inject_adapter_in_model(LoraConfig(r=TE_RANK, target_modules=targets), text_encoder))
+    rng = torch.Generator().manual_seed(4)
+    AmusedLoraLoaderMixin.save_lora_weights(
+        path, text_encoder_lora_layers={k: torch.randn(v.shape, generator=rng) * 0.01 for k, v in state.items()}
+    )
+    return path / "pytorch_lora_weights.safetensors"
+
+
+def test_text_encoder_only_file_says_it_fits_sd1_and_amused(tmp_path):
+    """aMUSEd's text encoder is SD1's CLIP-L text tower, shape for shape: without a text_projection module the
+    file cannot say which; sd1 stays the default and the evidence names aMUSEd and --family."""
+    path = _text_encoder_only_lora(tmp_path / "te", TEXT_TARGETS)
+    te_modules = architectures.load("amused").component_modules("text_encoder")
+    assert te_modules.keys() - architectures.load("sd1").component_modules("text_encoder").keys() == {"text_projection"}
+    det = lorafmt.detect(path)
+    assert det.family == "sd1"
+    assert any("sd1 and amused" in e and "--family" in e for e in det.family_evidence), det.family_evidence
+    assert lorafmt.read(path, family="amused").family == "amused"
+    report = lorafmt.validate(path, family="amused")
+    assert report.valid, [f.line() for f in report.findings[:5]]
+
+
+def test_text_encoder_only_file_with_text_projection_is_amused(tmp_path):
+    """The text_projection exists in aMUSEd's CLIPTextModelWithProjection, not in SD1's CLIPTextModel."""
+    path = _text_encoder_only_lora(tmp_path / "te", [*TEXT_TARGETS, "text_projection"])
+    det = lorafmt.detect(path)
+    assert det.family == "amused", det.family_evidence
+    assert not any("sd1 and amused" in e for e in det.family_evidence)
+    assert lorafmt.validate(path).valid
+
+
 # ---------------------------------------------------------------------------------------------- validation
 
 
