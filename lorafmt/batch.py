@@ -96,8 +96,10 @@ def _is_peft_dir(d: Path) -> bool:
     return any((d / c / "adapter_config.json").is_file() for c in _PEFT_COMPONENT_DIRS)
 
 
-def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
-    """Files and PEFT folders under `root`, sorted, hidden entries and the output folder skipped."""
+def _walk(root: Path, exclude: Path | None, pickles: bool = False) -> Iterator[Path]:
+    """Files and PEFT folders under `root`, sorted, hidden entries and the output folder skipped; pickle
+    checkpoints only when `pickles` (a training folder's optimizer.bin or scaler.pt are not LoRAs to report)."""
+    suffixes = (".safetensors", *_PICKLE_SUFFIXES) if pickles else (".safetensors",)
     try:
         entries = sorted(root.iterdir())
     except OSError as exc:
@@ -111,16 +113,19 @@ def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
             if _is_peft_dir(entry):
                 yield entry
             else:
-                yield from _walk(entry, exclude)
-        elif entry.suffix in (".safetensors", *_PICKLE_SUFFIXES) and entry.is_file():
+                yield from _walk(entry, exclude, pickles)
+        elif entry.suffix in suffixes and entry.is_file():
             yield entry
 
 
-def collect_inputs(inputs: Iterable[str | os.PathLike], *, exclude: str | os.PathLike | None = None) -> list[InputItem]:
+def collect_inputs(
+    inputs: Iterable[str | os.PathLike], *, exclude: str | os.PathLike | None = None, pickles: bool = False
+) -> list[InputItem]:
     """Expand files, folders (recursively; a PEFT folder is one input) and ``@list.txt`` files into inputs.
 
-    A folder contributes its ``.safetensors`` files and its pickle checkpoints (``.ckpt``, ``.pt``, ``.pth``,
-    ``.bin``; a task refuses those unless the batch runs with ``allow_pickle``).
+    A folder contributes its ``.safetensors`` files, and with `pickles` (a batch run with ``allow_pickle``)
+    its pickle checkpoints too (``.ckpt``, ``.pt``, ``.pth``, ``.bin``). A pickle named explicitly is always
+    an input (and its task refuses it unless the batch allows pickles).
 
     A list file holds one path or ``hf://`` URL per line (blank lines and ``#`` comments ignored); relative
     paths in it are relative to the list file's folder. Duplicates are dropped (first one wins). `exclude` is a
@@ -152,7 +157,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], *, exclude: str | os.Pat
                 add(str(p), p.resolve().name)
                 return
             root = p.resolve()
-            for found in _walk(root, excl):
+            for found in _walk(root, excl, pickles):
                 add(str(found), found.relative_to(root).as_posix())
         elif p.exists():
             add(str(p), p.name)
@@ -621,7 +626,7 @@ def run_batch(
         ['/data/loras/broken.safetensors']
     """
     workers = workers or os.cpu_count() or 1
-    items = collect_inputs(inputs, exclude=out_dir if op == "convert" else None)
+    items = collect_inputs(inputs, exclude=out_dir if op == "convert" else None, pickles=allow_pickle)
     tasks = plan_tasks(op, items, family=family, to=to, out_dir=out_dir, dtype=dtype,
                        allow_lossy=allow_lossy, check_values=check_values, allow_pickle=allow_pickle)  # fmt: skip
     summary = BatchSummary(op=op, executor=executor, workers=workers, total=len(tasks), report=str(report) if report else None)

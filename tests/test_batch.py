@@ -204,7 +204,9 @@ def test_batch_refuses_pickles_per_file_unless_allowed(tmp_path, with_pickle, ex
     pt = str(with_pickle / "b.pt")
     for op in ("inspect", "validate", "convert"):
         opts = {"to": "diffusers", "out_dir": tmp_path / f"{op}-out"} if op == "convert" else {"family": "sd1"}
-        refused = run_batch(op, [with_pickle], report=tmp_path / f"{op}-refused.jsonl", **opts, **kw)
+        skipped = run_batch(op, [with_pickle], report=tmp_path / f"{op}-walk.jsonl", **opts, **kw)
+        assert skipped.total == 1 and skipped.failed == [], "a folder walk leaves pickles out unless allowed"
+        refused = run_batch(op, [with_pickle, pt], report=tmp_path / f"{op}-refused.jsonl", **opts, **kw)
         assert refused.total == 2 and refused.failed == [pt], op
         rec = _by_path(read_report(tmp_path / f"{op}-refused.jsonl"))[pt]
         assert issubclass(getattr(lorafmt.errors, rec["error_type"]), lorafmt.errors.PickleFileError)
@@ -222,7 +224,7 @@ def test_batch_refuses_pickles_per_file_unless_allowed(tmp_path, with_pickle, ex
 
 def test_cli_batch_allow_pickle(tmp_path, with_pickle, capsys):
     report = tmp_path / "r.jsonl"
-    argv = ["batch", "inspect", str(with_pickle), "--report", str(report), "--workers", "1", "-q"]
+    argv = ["batch", "inspect", str(with_pickle), str(with_pickle / "b.pt"), "--report", str(report), "--workers", "1", "-q"]
     assert main(argv) == 1
     assert "b.pt" in capsys.readouterr().out
     assert main([*argv, "--allow-pickle", "--retry-failed"]) == 0
