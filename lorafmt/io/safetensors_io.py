@@ -725,7 +725,14 @@ def reserve_space(fd: int, size: int) -> None:
     """
     if size < COPY_WINDOW or not hasattr(os, "posix_fallocate") or _filesystem_type(fd) not in _NATIVE_FALLOCATE:
         return
-    os.posix_fallocate(fd, 0, size)
+    import errno
+
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise  # the output cannot fit: reported before anything is written
+        # anything else (a mount that refuses the call): the bytes are written all the same, unreserved
 
 
 def _write_all(fd: int, parts: list) -> None:
