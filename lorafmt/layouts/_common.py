@@ -106,6 +106,17 @@ def _module_plan(params: frozenset[str]) -> tuple[str | None, dict[str, str], tu
 def alpha_tensor(value: float, dtype: str | None, like: str | None = None) -> TensorRef:
     """An alpha scalar in `dtype`; without one, in the weights' dtype `like` when that holds it exactly
     (sd-scripts saves alpha in the save dtype), else float32. Encoded without numpy for float dtypes."""
+    # cached by value, except ±0.0 (equal as cache keys, different bytes)
+    encoded = _alpha_bytes(value, dtype, like) if value else _alpha_bytes.__wrapped__(value, dtype, like)
+    if encoded is not None:
+        return TensorRef.from_bytes("alpha", encoded[0], (), encoded[1])
+    import numpy as np  # fp8 or integer alphas: rare enough to pay for numpy
+
+    return TensorRef.from_array("alpha", np.asarray(value, dtype=np.float32), dtype)
+
+
+@lru_cache(maxsize=1024)  # a file's modules share a handful of alpha values
+def _alpha_bytes(value: float, dtype: str | None, like: str | None) -> tuple[str, bytes] | None:
     import struct
 
     from lorafmt.dtypes import encode_float32_scalar, float32_round
@@ -113,7 +124,7 @@ def alpha_tensor(value: float, dtype: str | None, like: str | None = None) -> Te
 
     rounded = float32_round(value)
     if rounded is None:  # beyond float32 (only a hand-edited config gets here): keep it finite rather than write inf
-        return TensorRef.from_bytes("alpha", "F64", (), struct.pack("<d", value))
+        return "F64", struct.pack("<d", value)
     if dtype is None:
         dtype = "F32"
         if like in ("F16", "BF16"):
@@ -121,11 +132,7 @@ def alpha_tensor(value: float, dtype: str | None, like: str | None = None) -> Te
             if encoded is not None and decode_scalar(encoded, like) == rounded:
                 dtype = like
     data = encode_float32_scalar(rounded, dtype)
-    if data is not None:
-        return TensorRef.from_bytes("alpha", dtype, (), data)
-    import numpy as np  # fp8 or integer alphas: rare enough to pay for numpy
-
-    return TensorRef.from_array("alpha", np.asarray(value, dtype=np.float32), dtype)
+    return None if data is None else (dtype, data)
 
 
 def dora_axis_of(ref: TensorRef, up_shape: tuple[int, ...] | None) -> str | None:
