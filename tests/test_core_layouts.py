@@ -215,6 +215,30 @@ def test_comfyui_refuses_sd_family_and_points_to_kohya(tmp_path, family, allow_l
     assert not dst.exists()
 
 
+@pytest.mark.parametrize("layout", ["xlabs", "bfl-control", "onetrainer"])
+@pytest.mark.parametrize("allow_lossy", [False, True])
+def test_flux_only_layouts_refuse_sd_family_and_name_the_layouts_that_hold_it(tmp_path, family, layout, allow_lossy, capsys):
+    """Flux.1/SD3-only layouts refuse an SD1/SD2/SDXL LoRA up front instead of offering --allow-lossy (which would
+    drop every module, and used to write an empty file)."""
+    from lorafmt.cli import main
+    from lorafmt.errors import UnsupportedFeatureError
+
+    src = _write(sample_lora(family), tmp_path, "kohya")
+    dst = tmp_path / "out.safetensors"
+    with pytest.raises(UnsupportedFeatureError) as info:
+        lorafmt.convert(src, dst, to=layout, allow_lossy=allow_lossy)
+    assert f"family is {family!r}" in info.value.message and info.value.file == str(src)
+    assert "kohya, diffusers or peft" in info.value.hint and "--allow-lossy" not in info.value.hint
+    assert not dst.exists()
+    argv = ["convert", str(src), "--to", layout, "-o", str(dst), *(["--allow-lossy"] if allow_lossy else [])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith(f"lorafmt: error: the {layout} layout writes") and f"family is {family!r}" in err[0]
+    assert err[1] == "hint: SD1/SD2/SDXL LoRAs are written as kohya, diffusers or peft: use --to kohya"
+    assert not dst.exists()
+
+
 def test_convert_onto_own_path(tmp_path):
     src = _write(sample_lora("sdxl"), tmp_path, "kohya")
     before = lorafmt.read(src)
