@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lorafmt.errors import LorafmtError, SourceError
+from lorafmt.errors import LorafmtError, PickleFileError, SourceError
 
 __all__ = [
     "Task",
@@ -542,6 +542,8 @@ class BatchSummary:
     workers: int
     total: int = 0
     skipped: int = 0
+    #: skipped files whose report line is a pickle refused for want of allow_pickle (they need retry_failed)
+    skipped_pickle_refusals: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)
     wall_s: float = 0.0
@@ -590,6 +592,20 @@ def iter_batch(
     return _run_local(tasks, task_fn, workers)
 
 
+def _subclass_names(cls: type) -> set[str]:
+    return {cls.__name__}.union(*(_subclass_names(sub) for sub in cls.__subclasses__()))
+
+
+def _is_pickle_refusal(rec: dict[str, Any]) -> bool:
+    """A report line of a pickle refused for want of allow_pickle: a PickleFileError (or subclass) whose hint says
+    to pass --allow-pickle. One that failed to load with allow_pickle (no such hint) would fail again."""
+    return (
+        rec.get("status") in FAILED_STATUSES
+        and rec.get("error_type") in _subclass_names(PickleFileError)
+        and "--allow-pickle" in (rec.get("hint") or "")
+    )
+
+
 def run_batch(
     op: str,
     inputs: Iterable[str | os.PathLike],
@@ -631,16 +647,22 @@ def run_batch(
                        allow_lossy=allow_lossy, check_values=check_values, allow_pickle=allow_pickle)  # fmt: skip
     summary = BatchSummary(op=op, executor=executor, workers=workers, total=len(tasks), report=str(report) if report else None)
     done: set[str] = set()
+    latest: dict[str, dict[str, Any]] = {}
     if report is not None:
         for rec in read_report(report):
             if rec.get("op", op) != op:
                 continue
+            latest[rec["path"]] = rec
             if retry_failed and rec.get("status") in FAILED_STATUSES:
                 done.discard(rec["path"])
             else:
                 done.add(rec["path"])
     todo = [t for t in tasks if t.path not in done]
     summary.skipped = len(tasks) - len(todo)
+    if allow_pickle and summary.skipped:
+        summary.skipped_pickle_refusals = sum(
+            _is_pickle_refusal(latest[t.path]) for t in tasks if t.path in done and t.path in latest
+        )
     if on_start is not None:
         on_start(len(todo))
     t0 = time.perf_counter()

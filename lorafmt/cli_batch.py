@@ -99,6 +99,12 @@ def _run_batch(args: argparse.Namespace) -> int:
             sys.stdout.write(f"  failed: {path}\n")
         if len(summary.failed) > 20:
             sys.stdout.write(f"  ... and {len(summary.failed) - 20} more (see the report)\n")
+    if summary.skipped_pickle_refusals:
+        n = summary.skipped_pickle_refusals
+        sys.stderr.write(
+            f"hint: skipped {n} pickle file{'s' if n != 1 else ''} the report lists as refused without --allow-pickle; "
+            "add --retry-failed to load them\n"
+        )
     return 0 if summary.ok else 1
 
 

@@ -14,7 +14,9 @@ as their first text encoder. Only aMUSEd's ``text_projection`` (it is a ``CLIPTe
 ``CLIPTextModel``) tells it apart, so a file with a ``text_encoder.text_projection`` module is aMUSEd (SD3, whose
 first encoder has one too, would not come with its other two encoders missing). Without it, the file is taken as
 SD1, the overwhelmingly common case for kohya and diffusers text-encoder LoRAs, and the evidence says that aMUSEd
-(and the first text encoder of the others) fits equally: ``--family`` decides.
+(and the first text encoder of the others) fits equally: ``--family`` decides. A kohya file names it ``lora_te1_``
+only for a model with several text encoders (SD1/SD2 files say ``lora_te_``): then it is SDXL's CLIP-L, or SD3's or
+Flux.1's when the metadata says so.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TE_WIDTH = {768: "sd1", 1024: "sd2"}
 # CLIP ViT-L/14's width: SD1's text encoder, and layer for layer aMUSEd's (which adds only a text_projection).
 _CLIP_L_WIDTH = 768
+# Families whose first text encoder is CLIP-L among others (kohya: lora_te1_, lora_te2_, lora_te3_).
+_NUMBERED_TE_FAMILIES = ("sdxl", "sd3", "flux1")
 
 
 def family_from_metadata(metadata: dict[str, str]) -> str | None:
@@ -151,8 +155,13 @@ def transformer_variant(lora: LoraFile, family: str) -> str | None:
     return None
 
 
-def detect_family(lora: LoraFile) -> tuple[str | None, list[str]]:
-    """Guess the base-model family of a LoRA; returns (family or None, evidence)."""
+def detect_family(lora: LoraFile, *, numbered_text_encoders: bool = False) -> tuple[str | None, list[str]]:
+    """Guess the base-model family of a LoRA; returns (family or None, evidence).
+
+    `numbered_text_encoders`: the file names its first text encoder as one of several (kohya ``lora_te1_``), which
+    SD1/SD2 files never do; a CLIP-L text-encoder-only file is then SDXL's first encoder (or, when the metadata
+    says so, SD3's or Flux.1's), not SD1's.
+    """
     votes: Counter[str] = Counter()
     evidence: list[str] = []
     paths = lora.modules
@@ -200,6 +209,10 @@ def detect_family(lora: LoraFile) -> tuple[str | None, list[str]]:
         projection = "text_encoder.text_projection" in paths
         if projection and w in (None, _CLIP_L_WIDTH):
             vote("amused", 5, "text_encoder.text_projection: a CLIP-L CLIPTextModelWithProjection, which SD1's is not")
+        elif numbered_text_encoders and w in (None, _CLIP_L_WIDTH):
+            claimed = family_from_metadata(lora.metadata)
+            fam = claimed if claimed in _NUMBERED_TE_FAMILIES else "sdxl"
+            vote(fam, 5, f"lora_te1_: text encoder 1 of several (SD1/SD2 files use lora_te_), CLIP-L{' per the metadata' if fam == claimed else ''}")
         elif w in _TE_WIDTH:
             vote(_TE_WIDTH[w], 5, f"text encoder width {w}")
             if w == _CLIP_L_WIDTH and comps == {"text_encoder"}:

@@ -231,6 +231,24 @@ def test_cli_batch_allow_pickle(tmp_path, with_pickle, capsys):
     assert {r["path"]: r["status"] for r in read_report(report)}[str(with_pickle / "b.pt")] == "ok"
 
 
+def test_cli_batch_allow_pickle_rerun_says_to_retry_failed(tmp_path, with_pickle, capsys):
+    """A rerun with --allow-pickle over a report that recorded the pickle as refused skips it (resume): one hint
+    line says to add --retry-failed; with it, the hint is gone and the pickle loads."""
+    report = tmp_path / "r.jsonl"
+    argv = ["batch", "inspect", str(with_pickle), str(with_pickle / "b.pt"), "--report", str(report), "--workers", "1", "-q"]
+    assert main(argv) == 1
+    capsys.readouterr()
+    main([*argv, "--allow-pickle"])
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["hint: skipped 1 pickle file the report lists as refused without --allow-pickle; add --retry-failed to load them"]
+    summary = run_batch("inspect", [with_pickle], report=report, workers=1, allow_pickle=True)
+    assert summary.skipped == 2 and summary.skipped_pickle_refusals == 1
+    assert main([*argv, "--allow-pickle", "--retry-failed"]) == 0
+    assert "--retry-failed" not in capsys.readouterr().err
+    assert main([*argv, "--allow-pickle"]) == 0, "everything is in the report now"
+    assert capsys.readouterr().err == ""
+
+
 # ------------------------------------------------------------------------------------------- CLI
 
 

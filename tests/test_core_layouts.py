@@ -215,6 +215,74 @@ def test_comfyui_refuses_sd_family_and_points_to_kohya(tmp_path, family, allow_l
     assert not dst.exists()
 
 
+@pytest.mark.parametrize("layout", ["xlabs", "bfl-control", "onetrainer"])
+@pytest.mark.parametrize("allow_lossy", [False, True])
+def test_flux_only_layouts_refuse_sd_family_and_name_the_layouts_that_hold_it(tmp_path, family, layout, allow_lossy, capsys):
+    """Flux.1/SD3-only layouts refuse an SD1/SD2/SDXL LoRA up front instead of offering --allow-lossy (which would
+    drop every module, and used to write an empty file)."""
+    from lorafmt.cli import main
+    from lorafmt.errors import UnsupportedFeatureError
+
+    src = _write(sample_lora(family), tmp_path, "kohya")
+    dst = tmp_path / "out.safetensors"
+    with pytest.raises(UnsupportedFeatureError) as info:
+        lorafmt.convert(src, dst, to=layout, allow_lossy=allow_lossy)
+    assert f"family is {family!r}" in info.value.message and info.value.file == str(src)
+    assert "kohya, diffusers or peft" in info.value.hint and "--allow-lossy" not in info.value.hint
+    assert not dst.exists()
+    argv = ["convert", str(src), "--to", layout, "-o", str(dst), *(["--allow-lossy"] if allow_lossy else [])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith(f"lorafmt: error: the {layout} layout writes") and f"family is {family!r}" in err[0]
+    assert err[1] == "hint: SD1/SD2/SDXL LoRAs are written as kohya, diffusers or peft: use --to kohya"
+    assert not dst.exists()
+
+
+def _kohya_text_encoder_only(path: Path, prefix: str, metadata: dict[str, str] | None = None) -> Path:
+    """A kohya LoRA on the CLIP-L (768-wide) text encoder only, as sd-scripts writes it."""
+    rng = np.random.default_rng(5)
+    tensors = {}
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        name = f"{prefix}_text_model_encoder_layers_0_self_attn_{proj}"
+        tensors[f"{name}.lora_down.weight"] = rng.standard_normal((4, 768)).astype(np.float32)
+        tensors[f"{name}.lora_up.weight"] = rng.standard_normal((768, 4)).astype(np.float32)
+        tensors[f"{name}.alpha"] = np.asarray(4.0, dtype=np.float32)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"ss_base_model_version": "sdxl_base_v1-0"},
+        {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"},
+        None,  # lora_te1_ alone: only multi-encoder models number their text encoders, and SDXL is the U-Net one
+    ],
+)
+def test_kohya_text_encoder_1_only_is_sdxl_not_sd1(tmp_path, metadata):
+    """SDXL's text encoder 1 is CLIP-L, shape for shape SD1's; the lora_te1_ name (SD1 files say lora_te_) and the
+    metadata outweigh the width, and the evidence says so."""
+    path = _kohya_text_encoder_only(tmp_path / "te1.safetensors", "lora_te1", metadata)
+    lora = lorafmt.read(path)
+    assert lora.family == "sdxl", lora.provenance.evidence
+    assert any("lora_te1_" in e and e.endswith("-> sdxl") for e in lora.provenance.evidence), lora.provenance.evidence
+    assert set(lora.components) == {"text_encoder"}
+    assert lorafmt.detect(path).family == "sdxl"
+
+
+def test_kohya_text_encoder_1_only_follows_flux_metadata(tmp_path):
+    path = _kohya_text_encoder_only(tmp_path / "te1.safetensors", "lora_te1", {"modelspec.architecture": "flux-1-dev/lora"})
+    assert lorafmt.read(path).family == "flux1"
+
+
+def test_kohya_sd1_text_encoder_only_stays_sd1(tmp_path):
+    path = _kohya_text_encoder_only(tmp_path / "te.safetensors", "lora_te")
+    lora = lorafmt.read(path)
+    assert lora.family == "sd1", lora.provenance.evidence
+    assert not any("lora_te1_" in e for e in lora.provenance.evidence)
+
+
 def test_convert_onto_own_path(tmp_path):
     src = _write(sample_lora("sdxl"), tmp_path, "kohya")
     before = lorafmt.read(src)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from lorafmt.io.source import Source
     from lorafmt.schema import Diagnostic, LoraFile, TensorRef
 
-__all__ = ["Capabilities", "Match", "Layout", "PlannedFile", "WritePlan", "WriteOptions"]
+__all__ = ["Capabilities", "Match", "Layout", "PlannedFile", "WritePlan", "WriteOptions", "refuse_unet_family"]
 
 
 class Capabilities(Record, frozen=True):
@@ -84,3 +84,24 @@ class Layout:
 
         msg = f"layout {self.name!r} is read-only"
         raise UnsupportedFeatureError(msg)
+
+
+_UNET_FAMILIES = frozenset({"sd1", "sd2", "sdxl"})
+_TRANSFORMER_FAMILIES = {"flux1": "Flux.1", "sd3": "SD3"}
+
+
+def refuse_unet_family(layout: Layout, lora: LoraFile, family: str | None) -> None:
+    """For a transformer-only layout's :meth:`Layout.check_family`: refuse an SD1/SD2/SDXL (U-Net) LoRA up front.
+
+    Otherwise the per-module refusal would offer ``--allow-lossy``, which drops every module.
+    """
+    if family not in _UNET_FAMILIES and "unet" not in lora.components:
+        return
+    from lorafmt.errors import UnsupportedFeatureError
+
+    holds = "/".join(label for fam, label in _TRANSFORMER_FAMILIES.items() if fam in layout.capabilities.families)
+    this = f"family is {family!r}" if family in _UNET_FAMILIES else "this one has U-Net modules"
+    msg = f"the {layout.name} layout writes {holds} LoRAs only, not SD1/SD2/SDXL ones; {this}"
+    file = lora.provenance.source if lora.provenance else None
+    # the layouts whose capabilities include the U-Net families (comfyui's spelling is Flux.1/SD3 only too)
+    raise UnsupportedFeatureError(msg, file=file, hint="SD1/SD2/SDXL LoRAs are written as kohya, diffusers or peft: use --to kohya")

@@ -34,7 +34,7 @@ from lorafmt.algorithms import BUILTIN_ALGORITHMS
 from lorafmt.errors import LossyConversionError
 from lorafmt.families import detect_family
 from lorafmt.io.source import Source
-from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
+from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan, refuse_unet_family
 from lorafmt.layouts._common import ModuleParts, assemble, carried_metadata, issue
 from lorafmt.layouts._transformer import canonicalize, emit, fold_scale
 from lorafmt.naming.flux import FLUX_NAMES, is_bfl_path
@@ -125,6 +125,9 @@ class BflControlLayout(Layout):
         lora.family = fam or "flux1"
         lora.provenance.evidence = fam_evidence
         return lora
+
+    def check_family(self, lora: LoraFile, family: str | None) -> None:
+        refuse_unet_family(self, lora, family)
 
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         native, notes, failed = canonical_to_native(lora.modules, FLUX_NAMES)

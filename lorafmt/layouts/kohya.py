@@ -158,7 +158,12 @@ class KohyaLayout(Layout):
             lora.modules, failed = native_to_canonical(lora.modules, names, detect_block_diagonal=_may_be_split_qkv(source.metadata))
             lora.modules = dict(sorted(lora.modules.items()))
             keep_failed(failed, lora.unplaced, lora.issues)
-        fam, fam_evidence = (family, ["given"]) if family else detect_family(lora)
+        if family:
+            fam, fam_evidence = family, ["given"]
+        else:
+            # kohya numbers the text encoders (lora_te1_) only in multi-encoder models; SD1/SD2 files use lora_te_
+            numbered = not tfamily and any(name.startswith("lora_te1_") for name in groups)
+            fam, fam_evidence = detect_family(lora, numbered_text_encoders=numbered)
         lora.family = fam
         lora.provenance.evidence = fam_evidence
         return lora

@@ -25,7 +25,7 @@ import re
 from lorafmt.errors import UnsupportedFeatureError
 from lorafmt.families import detect_family
 from lorafmt.io.source import Source
-from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
+from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan, refuse_unet_family
 from lorafmt.layouts._common import ModuleParts, assemble, carried_metadata
 from lorafmt.layouts._transformer import emit
 from lorafmt.naming.clip import canonical_text_path
@@ -86,6 +86,9 @@ class OneTrainerLayout(Layout):
         lora.family = fam
         lora.provenance.evidence = fam_evidence
         return lora
+
+    def check_family(self, lora: LoraFile, family: str | None) -> None:
+        refuse_unet_family(self, lora, family)
 
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         family = options.family or lora.family

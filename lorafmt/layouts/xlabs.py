@@ -24,7 +24,7 @@ import re
 from lorafmt.errors import LossyConversionError, UnsupportedFeatureError
 from lorafmt.families import detect_family
 from lorafmt.io.source import Source
-from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan
+from lorafmt.layouts._base import Capabilities, Layout, Match, PlannedFile, WriteOptions, WritePlan, refuse_unet_family
 from lorafmt.layouts._common import ModuleParts, assemble, carried_metadata, issue
 from lorafmt.layouts._transformer import emit, fold_scale
 from lorafmt.naming.flux import XLABS_NAMES
@@ -84,6 +84,9 @@ class XLabsLayout(Layout):
         lora.family = fam or "flux1"
         lora.provenance.evidence = fam_evidence if fam else ["XLabs processor names -> flux1"]
         return lora
+
+    def check_family(self, lora: LoraFile, family: str | None) -> None:
+        refuse_unet_family(self, lora, family)
 
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         native, notes, failed = canonical_to_native(lora.modules, XLABS_NAMES)
