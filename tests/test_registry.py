@@ -48,3 +48,30 @@ def test_layouts_never_import_each_other(module):
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         for name in names:
             assert name not in others, f"{module} imports {name}"
+
+
+def _family_cases():
+    from lorafmt.layouts import available_layouts
+    from lorafmt.schema import FAMILIES
+
+    return [(lay.name, fam) for lay in available_layouts() if lay.capabilities.writable for fam in FAMILIES
+            if fam not in lay.capabilities.families]
+
+
+@pytest.mark.parametrize(("layout", "family"), _family_cases())
+def test_layouts_refuse_families_they_cannot_spell_and_name_those_that_can(tmp_path, layout, family):
+    """A layout never writes a family outside its capabilities (a Flux-only spelling would give an SD3 LoRA
+    Flux names); the hint names a layout that holds the family, and nothing is written, even with --allow-lossy."""
+    import lorafmt
+    from lorafmt.errors import UnsupportedFeatureError
+    from lorafmt.layouts import available_layouts
+    from lorafmt.testing import make_lora
+
+    lora = make_lora(family, modules=4)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(UnsupportedFeatureError) as info:
+        lorafmt.write(lora, out, layout=layout, allow_lossy=True)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    suggested = info.value.hint.rsplit("--to ", 1)[-1]
+    holders = {lay.name for lay in available_layouts() if lay.capabilities.writable and family in lay.capabilities.families}
+    assert suggested in holders, info.value.hint

@@ -16,7 +16,7 @@ import pytest
 import lorafmt
 from lorafmt import api
 from lorafmt.api import module_delta
-from lorafmt.errors import LossyConversionError
+from lorafmt.errors import UnsupportedFeatureError
 from lorafmt.naming.sd3 import SD3_NAMES
 from test_flux_util import compare, save_arrays
 
@@ -105,9 +105,11 @@ def test_converts_to_every_sd3_layout_and_back(kohya, tmp_path):
         back = tmp_path / f"back_{layout}.safetensors"
         lorafmt.convert(dst, back, to="kohya", force=True)
         assert compare(src, lorafmt.read(back), tol=1e-6) == [], layout
-    for layout in ("xlabs", "bfl-control"):
-        with pytest.raises(LossyConversionError):
-            lorafmt.convert(kohya, tmp_path / f"x_{layout}.safetensors", to=layout)
+    for layout in ("xlabs", "bfl-control"):  # Flux.1-only spellings: refused as a whole, with the layouts that fit
+        with pytest.raises(UnsupportedFeatureError) as info:
+            lorafmt.convert(kohya, tmp_path / f"x_{layout}.safetensors", to=layout, allow_lossy=True)
+        assert "SD3" in info.value.message and "use --to kohya" in info.value.hint
+        assert not (tmp_path / f"x_{layout}.safetensors").exists()
     # kohya -> kohya is a byte-exact rename round trip for the transformer
     again = tmp_path / "again.safetensors"
     lorafmt.convert(kohya, again, to="kohya")

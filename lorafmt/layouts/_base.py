@@ -75,9 +75,20 @@ class Layout:
     def check_family(self, lora: LoraFile, family: str | None) -> None:
         """Refuse, before any per-module check, a LoRA of a `family` this layout cannot hold at all.
 
-        Raises :class:`~lorafmt.errors.UnsupportedFeatureError` whose hint names the layout to use instead; the
-        default accepts every family (per-module refusals come from the capabilities and :meth:`plan`).
+        Raises :class:`~lorafmt.errors.UnsupportedFeatureError` whose hint names the layouts that can hold it.
+        The default refuses a known family outside ``capabilities.families`` (otherwise a Flux-only spelling
+        would give an SD3 LoRA Flux names); per-module refusals come from the capabilities and :meth:`plan`.
         """
+        if family is None or family in self.capabilities.families:
+            return
+        from lorafmt.errors import UnsupportedFeatureError
+        from lorafmt.layouts import available_layouts
+
+        holders = [lay.name for lay in available_layouts() if lay.capabilities.writable and family in lay.capabilities.families]
+        label = _FAMILY_LABELS.get(family, family)
+        msg = f"the {self.name} layout cannot hold {label} LoRAs (it writes {', '.join(sorted(self.capabilities.families))})"
+        hint = f"{label} LoRAs are written as {', '.join(holders[:-1]) + ' or ' if len(holders) > 1 else ''}{holders[-1]}: use --to {holders[0]}" if holders else None
+        raise UnsupportedFeatureError(msg, file=lora.provenance.source if lora.provenance else None, hint=hint)
 
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         from lorafmt.errors import UnsupportedFeatureError
@@ -86,6 +97,7 @@ class Layout:
         raise UnsupportedFeatureError(msg)
 
 
+_FAMILY_LABELS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3", "flux1": "Flux.1", "amused": "aMUSEd"}
 _UNET_FAMILIES = frozenset({"sd1", "sd2", "sdxl"})
 _TRANSFORMER_FAMILIES = {"flux1": "Flux.1", "sd3": "SD3"}
 

@@ -128,6 +128,7 @@ class BflControlLayout(Layout):
 
     def check_family(self, lora: LoraFile, family: str | None) -> None:
         refuse_unet_family(self, lora, family)
+        super().check_family(lora, family)
 
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         native, notes, failed = canonical_to_native(lora.modules, FLUX_NAMES)

@@ -171,9 +171,7 @@ class ComfyUILayout(Layout):
             msg = f"the comfyui layout writes Flux.1/SD3 LoRAs, not U-Net (SD1/SD2/SDXL) ones; family is {family!r}"
             # ComfyUI's own loader reads SD-family LoRAs in the kohya spelling (comfy/lora.py, lora_unet_*)
             raise UnsupportedFeatureError(msg, file=file, hint="ComfyUI loads SD1/SD2/SDXL LoRAs as kohya: use --to kohya")
-        if family is not None and family not in self.capabilities.families:
-            msg = f"the comfyui layout writes Flux.1/SD3 LoRAs; family is {family!r}"
-            raise UnsupportedFeatureError(msg, file=file, hint="write it as diffusers or peft")
+        super().check_family(lora, family)  # any other family outside Flux.1/SD3 (aMUSEd)
 
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         family = options.family or lora.family

@@ -89,6 +89,7 @@ class OneTrainerLayout(Layout):
 
     def check_family(self, lora: LoraFile, family: str | None) -> None:
         refuse_unet_family(self, lora, family)
+        super().check_family(lora, family)
 
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         family = options.family or lora.family

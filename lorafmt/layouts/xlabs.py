@@ -87,6 +87,7 @@ class XLabsLayout(Layout):
 
     def check_family(self, lora: LoraFile, family: str | None) -> None:
         refuse_unet_family(self, lora, family)
+        super().check_family(lora, family)
 
     def plan(self, lora: LoraFile, options: WriteOptions) -> WritePlan:
         native, notes, failed = canonical_to_native(lora.modules, XLABS_NAMES)
